@@ -1,0 +1,194 @@
+"""Typed, validated model configuration.
+
+Configs live as ml_collections data in `configs/`; `ModelConfig.from_config_dict` checks that data
+once, at start, and turns it into frozen (hashable) dataclasses the model reads. Every error names
+the field, the value and what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+CROSS_ATTENTION_MODES = ("merged", "separate", "global_only")
+REMAT_POLICIES = ("none", "full", "save_dots")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StackConfig:
+    """One transformer stack (encoder or decoder) built from Gemma 3 blocks."""
+
+    num_layers: int
+    d_model: int
+    ffn_dim: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    query_pre_attn_scalar: float
+    sliding_window: int
+    # Layer i is global iff (i + 1) % sliding_window_pattern == 0: 5 local then 1 global for 6.
+    sliding_window_pattern: int = 6
+    local_rope_theta: float = 10_000.0
+    global_rope_theta: float = 1_000_000.0
+    # Linear RoPE position interpolation factor (positions are divided by it).
+    local_rope_scale: float = 1.0
+    global_rope_scale: float = 1.0
+    rms_norm_eps: float = 1e-6
+
+    def is_global(self, layer: int) -> bool:
+        return (layer + 1) % self.sliding_window_pattern == 0
+
+    @property
+    def attention_scale(self) -> float:
+        # The reference scales by query_pre_attn_scalar ** -0.5, not head_dim ** -0.5.
+        return self.query_pre_attn_scalar**-0.5
+
+    @property
+    def layer_types(self) -> tuple[str, ...]:
+        return tuple("global" if self.is_global(i) else "local" for i in range(self.num_layers))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The T5Gemma 2 encoder-decoder (text path)."""
+
+    encoder: StackConfig
+    decoder: StackConfig
+    vocab_size: int
+    # One table for encoder input, decoder input and LM head, or three separate tables.
+    tie_embeddings: bool = True
+    # merged: one attention over [decoder prefix | encoder outputs] with one set of projections;
+    # separate: a classic cross-attention block in every decoder layer; global_only: that block in
+    # the global layers only.
+    cross_attention: str = "merged"
+    final_logit_softcap: float | None = None
+    pad_id: int = 0
+    eos_id: int = 1
+    bos_id: int = 2  # also the decoder start token
+    eoi_token_id: int = 256_000  # end-of-image: replaced by a learned, unscaled embedding
+    image_token_id: int = 256_001
+    dtype: str = "bfloat16"  # compute dtype; softmax, norms and loss stay float32
+    param_dtype: str = "float32"
+    remat: str = "none"
+
+    @property
+    def decoder_has_cross(self) -> tuple[bool, ...]:
+        """Whether decoder layer i has a separate cross-attention block."""
+        d = self.decoder
+        if self.cross_attention == "separate":
+            return (True,) * d.num_layers
+        if self.cross_attention == "global_only":
+            return tuple(d.is_global(i) for i in range(d.num_layers))
+        return (False,) * d.num_layers
+
+    @classmethod
+    def from_config_dict(cls, cd: Mapping[str, Any], prefix: str = "model") -> "ModelConfig":
+        """Builds and validates from an ml_collections ConfigDict (or any mapping)."""
+        d = _to_dict(cd)
+        stacks = {}
+        for side in ("encoder", "decoder"):
+            if side not in d:
+                raise ConfigError(f"{prefix}.{side} is missing: give the {side} stack's dimensions")
+            stacks[side] = _build(StackConfig, _to_dict(d.pop(side)), f"{prefix}.{side}")
+        cfg = _build(cls, {**d, **stacks}, prefix)
+        cfg.validate(prefix)
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self, prefix: str = "model") -> None:
+        for side in ("encoder", "decoder"):
+            _validate_stack(getattr(self, side), f"{prefix}.{side}")
+        _positive(self.vocab_size, f"{prefix}.vocab_size")
+        if self.cross_attention not in CROSS_ATTENTION_MODES:
+            raise ConfigError(
+                f"{prefix}.cross_attention={self.cross_attention!r} is unknown; "
+                f"valid: {', '.join(CROSS_ATTENTION_MODES)}"
+            )
+        enc, dec = self.encoder.d_model, self.decoder.d_model
+        if self.cross_attention == "merged" and enc != dec:
+            raise ConfigError(
+                f"{prefix}.encoder.d_model={enc} != {prefix}.decoder.d_model={dec}: merged attention "
+                "projects encoder outputs with the decoder's k/v weights, so the widths must match "
+                "(use cross_attention='separate' for unbalanced stacks)"
+            )
+        if self.tie_embeddings and enc != dec:
+            raise ConfigError(
+                f"{prefix}.encoder.d_model={enc} != {prefix}.decoder.d_model={dec}: tied embeddings "
+                "share one table, so the widths must match (set tie_embeddings=False)"
+            )
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ConfigError(
+                    f"{prefix}.{name}={getattr(self, name)!r} is unknown; valid: {', '.join(DTYPES)}"
+                )
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(
+                f"{prefix}.remat={self.remat!r} is unknown; valid: {', '.join(REMAT_POLICIES)}"
+            )
+        if self.final_logit_softcap is not None and not self.final_logit_softcap > 0:
+            raise ConfigError(
+                f"{prefix}.final_logit_softcap={self.final_logit_softcap} must be > 0 or None"
+            )
+        for name in ("pad_id", "eos_id", "bos_id"):
+            value = getattr(self, name)
+            if not 0 <= value < self.vocab_size:
+                raise ConfigError(
+                    f"{prefix}.{name}={value} is outside the vocabulary [0, {self.vocab_size})"
+                )
+
+
+def _validate_stack(s: StackConfig, prefix: str) -> None:
+    for name in ("num_layers", "d_model", "ffn_dim", "num_heads", "num_kv_heads", "head_dim",
+                 "sliding_window", "sliding_window_pattern"):
+        _positive(getattr(s, name), f"{prefix}.{name}")
+    if s.num_heads % s.num_kv_heads:
+        raise ConfigError(
+            f"{prefix}.num_heads={s.num_heads} is not divisible by {prefix}.num_kv_heads="
+            f"{s.num_kv_heads}: grouped-query attention needs whole groups"
+        )
+    if s.head_dim % 2:
+        raise ConfigError(f"{prefix}.head_dim={s.head_dim} must be even for rotary embeddings")
+    for name in ("query_pre_attn_scalar", "local_rope_theta", "global_rope_theta",
+                 "local_rope_scale", "global_rope_scale", "rms_norm_eps"):
+        value = getattr(s, name)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ConfigError(f"{prefix}.{name}={value!r} must be a positive number")
+
+
+def _positive(value: Any, field: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{field}={value!r} must be a positive integer")
+
+
+def _to_dict(cd: Any) -> dict[str, Any]:
+    if hasattr(cd, "to_dict"):
+        return dict(cd.to_dict())
+    if isinstance(cd, Mapping):
+        return dict(cd)
+    raise ConfigError(f"expected a ConfigDict or mapping, got {type(cd).__name__}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown field(s) {', '.join(f'{prefix}.{u}' for u in unknown)}; "
+            f"valid: {', '.join(sorted(fields))}"
+        )
+    missing = sorted(
+        n for n, f in fields.items()
+        if n not in values and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    )
+    if missing:
+        raise ConfigError(f"missing field(s) {', '.join(f'{prefix}.{m}' for m in missing)}")
+    return cls(**values)

@@ -1,0 +1,274 @@
+"""The T5Gemma 2 encoder-decoder: Gemma 3 blocks on both sides, merged attention in the decoder.
+
+Layers are stacked by attention-pattern period (5 local + 1 global for the released sizes): the
+periods share one structure, so their parameters carry a leading `layers` axis and run under one
+`lax.scan`, keeping compile time flat in depth; layers past the last whole period form a short
+unscanned tail (e.g. 26 = 4 x 6 + 2).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from t5g2.model.attention import Attention, MaskSpec, decoder_window, encoder_window
+from t5g2.model.config import ModelConfig, StackConfig
+from t5g2.model.layers import MLP, Embedder, RMSNorm, default_init, param
+from t5g2.model.rope import rope_tables
+
+Rope = tuple[jax.Array, jax.Array]
+
+
+@struct.dataclass
+class StackInputs:
+    """What every layer of one stack reads besides its residual stream: RoPE tables and masks."""
+
+    rope_local: Rope
+    rope_global: Rope
+    mask_local: MaskSpec
+    mask_global: MaskSpec
+    encoded: jax.Array | None = None  # decoder only: the encoder's final output
+    cross_mask: MaskSpec | None = None
+
+    @classmethod
+    def build(cls, cfg: StackConfig, positions, segment_ids, *, causal: bool,
+              window: tuple[int, int], **cross) -> "StackInputs":
+        def mask(w):
+            return MaskSpec(positions, segment_ids, positions, segment_ids, causal=causal, window=w)
+
+        return cls(
+            rope_local=rope_tables(positions, cfg.head_dim, cfg.local_rope_theta,
+                                   cfg.local_rope_scale),
+            rope_global=rope_tables(positions, cfg.head_dim, cfg.global_rope_theta,
+                                    cfg.global_rope_scale),
+            mask_local=mask(window), mask_global=mask(None), **cross)
+
+    def for_layer(self, is_global: bool) -> tuple[Rope, MaskSpec]:
+        if is_global:
+            return self.rope_global, self.mask_global
+        return self.rope_local, self.mask_local
+
+
+class Block(nnx.Module):
+    """Gemma 3 sandwich block: x + post_norm(attn(pre_norm(x))), then the same around the MLP."""
+
+    def __init__(self, cfg: StackConfig, is_global: bool, *, param_dtype, rngs: nnx.Rngs):
+        self.is_global = is_global
+        norm = functools.partial(RMSNorm, cfg.d_model, cfg.rms_norm_eps, "embed",
+                                 param_dtype=param_dtype, rngs=rngs)
+        self.pre_attn_norm, self.post_attn_norm = norm(), norm()
+        self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                              cfg.attention_scale, cfg.rms_norm_eps, param_dtype=param_dtype,
+                              rngs=rngs)
+        self.pre_mlp_norm, self.post_mlp_norm = norm(), norm()
+        self.mlp = MLP(cfg.d_model, cfg.ffn_dim, param_dtype=param_dtype, rngs=rngs)
+
+    def mlp_block(self, x: jax.Array) -> jax.Array:
+        return x + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x)))
+
+
+class EncoderLayer(Block):
+    """Bidirectional self-attention (two-sided window on local layers), then the MLP."""
+
+    def __call__(self, x: jax.Array, ctx: StackInputs) -> jax.Array:
+        rope, mask = ctx.for_layer(self.is_global)
+        x = x + self.post_attn_norm(self.attn.self_attention(self.pre_attn_norm(x), rope, mask))
+        return self.mlp_block(x)
+
+
+class DecoderLayer(Block):
+    """Merged self+cross attention (or causal self-attention and a separate cross block)."""
+
+    def __init__(self, cfg: StackConfig, is_global: bool, *, merged: bool, has_cross: bool,
+                 encoder_dim: int, param_dtype, rngs: nnx.Rngs):
+        super().__init__(cfg, is_global, param_dtype=param_dtype, rngs=rngs)
+        self.merged = merged
+        self.has_cross = has_cross
+        if has_cross:
+            norm = functools.partial(RMSNorm, cfg.d_model, cfg.rms_norm_eps, "embed",
+                                     param_dtype=param_dtype, rngs=rngs)
+            self.pre_cross_norm, self.post_cross_norm = norm(), norm()
+            self.cross_attn = Attention(cfg.d_model, cfg.num_heads, cfg.num_kv_heads,
+                                        cfg.head_dim, cfg.attention_scale, cfg.rms_norm_eps,
+                                        kv_dim=encoder_dim, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, y: jax.Array, ctx: StackInputs) -> jax.Array:
+        rope, mask = ctx.for_layer(self.is_global)
+        h = self.pre_attn_norm(y)
+        if self.merged:
+            h = self.attn.merged_attention(h, rope, mask, ctx.encoded, ctx.cross_mask)
+        else:
+            h = self.attn.self_attention(h, rope, mask)
+        y = y + self.post_attn_norm(h)
+        if self.has_cross:
+            h = self.cross_attn.cross_attention(self.pre_cross_norm(y), ctx.encoded,
+                                                ctx.cross_mask)
+            y = y + self.post_cross_norm(h)
+        return self.mlp_block(y)
+
+
+class Period(nnx.Module):
+    """One period of the attention pattern (e.g. 5 local layers and 1 global)."""
+
+    def __init__(self, layers: list[nnx.Module]):
+        self.layers = nnx.List(layers)
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole period in the backward pass
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class LayerStack(nnx.Module):
+    """`num_layers` layers: scanned whole periods of the pattern, then an unscanned tail.
+
+    `make_layer(i, rngs)` builds layer i; its structure may depend only on i mod `pattern`.
+    """
+
+    def __init__(self, num_layers: int, pattern: int,
+                 make_layer: Callable[[int, nnx.Rngs], nnx.Module], *, remat: str,
+                 rngs: nnx.Rngs):
+        num_periods, num_tail = divmod(num_layers, pattern)
+        self.remat = remat
+        periods = None
+        if num_periods:
+            @nnx.split_rngs(splits=num_periods)
+            @nnx.vmap(in_axes=(0,), out_axes=0,
+                      transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make_period(r: nnx.Rngs) -> Period:
+                return Period([make_layer(slot, r) for slot in range(pattern)])
+
+            periods = make_period(rngs)
+        self.periods = nnx.data(periods)
+        self.tail = nnx.List(
+            [make_layer(num_periods * pattern + j, rngs) for j in range(num_tail)])
+
+    def __call__(self, x: jax.Array, ctx: StackInputs) -> jax.Array:
+        if self.periods is not None:
+            graphdef, state = nnx.split(self.periods)
+
+            def period_step(x, period_state):
+                for layer in nnx.merge(graphdef, period_state).layers:
+                    x = layer(x, ctx)
+                return x, None
+
+            if self.remat != "none":
+                period_step = jax.checkpoint(period_step, policy=_REMAT_POLICIES[self.remat])
+            x, _ = jax.lax.scan(period_step, x, state)
+        for layer in self.tail:
+            x = layer(x, ctx)
+        return x
+
+
+def _default_ids(tokens, segment_ids, positions, pad_id):
+    if segment_ids is None:
+        segment_ids = (tokens != pad_id).astype(jnp.int32)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    return segment_ids, positions
+
+
+class Encoder(nnx.Module):
+    """Bidirectional Gemma 3 stack over (text and, later, image) embeddings."""
+
+    def __init__(self, cfg: StackConfig, *, remat: str, param_dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+
+        def make_layer(i, r):
+            return EncoderLayer(cfg, cfg.is_global(i), param_dtype=param_dtype, rngs=r)
+
+        self.layers = LayerStack(cfg.num_layers, cfg.sliding_window_pattern, make_layer,
+                                 remat=remat, rngs=rngs)
+        self.final_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps, "embed",
+                                  param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, segment_ids, positions) -> jax.Array:
+        ctx = StackInputs.build(self.cfg, positions, segment_ids, causal=False,
+                                window=encoder_window(self.cfg.sliding_window))
+        return self.final_norm(self.layers(x, ctx))
+
+
+class Decoder(nnx.Module):
+    """Causal Gemma 3 stack whose attention also reads the encoder outputs."""
+
+    def __init__(self, cfg: ModelConfig, *, param_dtype, rngs: nnx.Rngs):
+        dec = self.cfg = cfg.decoder
+        has_cross = cfg.decoder_has_cross
+
+        def make_layer(i, r):
+            return DecoderLayer(dec, dec.is_global(i), merged=cfg.cross_attention == "merged",
+                                has_cross=has_cross[i], encoder_dim=cfg.encoder.d_model,
+                                param_dtype=param_dtype, rngs=r)
+
+        self.layers = LayerStack(dec.num_layers, dec.sliding_window_pattern, make_layer,
+                                 remat=cfg.remat, rngs=rngs)
+        self.final_norm = RMSNorm(dec.d_model, dec.rms_norm_eps, "embed",
+                                  param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, y, segment_ids, positions, encoded, encoder_segment_ids,
+                 encoder_positions) -> jax.Array:
+        cross_mask = MaskSpec(positions, segment_ids, encoder_positions, encoder_segment_ids)
+        ctx = StackInputs.build(self.cfg, positions, segment_ids, causal=True,
+                                window=decoder_window(self.cfg.sliding_window),
+                                encoded=encoded, cross_mask=cross_mask)
+        return self.final_norm(self.layers(y, ctx))
+
+
+class T5Gemma2(nnx.Module):
+    """Encoder-decoder with tied (one table) or untied (three tables) embeddings."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.embed = Embedder(cfg.vocab_size, cfg.encoder.d_model, cfg.eoi_token_id,
+                              param_dtype=pdt, rngs=rngs)
+        if not cfg.tie_embeddings:
+            self.decoder_embed = Embedder(cfg.vocab_size, cfg.decoder.d_model, cfg.eoi_token_id,
+                                          param_dtype=pdt, rngs=rngs)
+            self.lm_head = param(rngs, default_init, (cfg.vocab_size, cfg.decoder.d_model),
+                                 ("vocab", "embed"), pdt)
+        self.encoder = Encoder(cfg.encoder, remat=cfg.remat, param_dtype=pdt, rngs=rngs)
+        self.decoder = Decoder(cfg, param_dtype=pdt, rngs=rngs)
+
+    @property
+    def dtype(self):
+        return jnp.dtype(self.config.dtype)
+
+    def encode(self, tokens, segment_ids=None, positions=None) -> jax.Array:
+        """Encoder outputs [B,S,D] (final-normed)."""
+        segment_ids, positions = _default_ids(tokens, segment_ids, positions, self.config.pad_id)
+        return self.encoder(self.embed(tokens, self.dtype), segment_ids, positions)
+
+    def decode(self, tokens, encoded, encoder_segment_ids, encoder_positions=None,
+               segment_ids=None, positions=None) -> jax.Array:
+        """Decoder final hidden states [B,T,D]; `logits` maps them to the vocabulary."""
+        segment_ids, positions = _default_ids(tokens, segment_ids, positions, self.config.pad_id)
+        if encoder_positions is None:
+            encoder_positions = jnp.zeros_like(encoder_segment_ids)
+        embed = self.embed if self.config.tie_embeddings else self.decoder_embed
+        return self.decoder(embed(tokens, self.dtype), segment_ids, positions, encoded,
+                            encoder_segment_ids, encoder_positions)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        table = self.embed.table if self.config.tie_embeddings else self.lm_head
+        logits = jnp.einsum("btd,vd->btv", hidden, table[...].astype(hidden.dtype))
+        cap = self.config.final_logit_softcap
+        if cap is not None:
+            logits = cap * jnp.tanh(logits / cap)
+        return logits
+
+    def __call__(self, encoder_input_tokens, decoder_input_tokens, *, encoder_segment_ids=None,
+                 encoder_positions=None, decoder_segment_ids=None,
+                 decoder_positions=None) -> jax.Array:
+        """Logits [B,T,V] for the decoder inputs given the encoder inputs."""
+        encoder_segment_ids, encoder_positions = _default_ids(
+            encoder_input_tokens, encoder_segment_ids, encoder_positions, self.config.pad_id)
+        encoded = self.encode(encoder_input_tokens, encoder_segment_ids, encoder_positions)
+        hidden = self.decode(decoder_input_tokens, encoded, encoder_segment_ids,
+                             encoder_positions, decoder_segment_ids, decoder_positions)
+        return self.logits(hidden)
