@@ -25,7 +25,7 @@ def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Sequenc
           dtype: jnp.dtype) -> nnx.Param:
     """A parameter annotated with logical axis names (one per dimension)."""
     assert len(shape) == len(axes), (shape, axes)
-    return nnx.Param(init(rngs.params(), tuple(shape), dtype), sharding_names=tuple(axes),
+    return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes),
                      eager_sharding=False)
 
 

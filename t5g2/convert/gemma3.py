@@ -1,0 +1,134 @@
+"""Adaptation initialisation: a decoder-only Gemma 3 becomes a T5Gemma 2 encoder-decoder.
+
+Encoder and decoder both start from the Gemma 3 weights. With merged attention the decoder needs
+no new weights: masking every encoder position out makes it exactly the Gemma 3 causal LM. With a
+separate cross-attention, each cross block starts as a copy of its layer's self-attention.
+
+Vocabulary: T5Gemma 2 uses 262,144 rows. Gemma 3 4B's table has 262,208 (64 extra rows, the image
+soft token 262144 and padding); they are dropped explicitly, and a smaller source table is an
+error. The learned end-of-image vector starts as Gemma 3's scaled EOI row, so the adapted model
+embeds EOI exactly as Gemma 3 did.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+from t5g2.convert import checkpoint_files
+from t5g2.convert.hf_config import as_dict, first_id, stack_from_hf_text, to_numpy
+from t5g2.convert.layout import LAYER_WEIGHTS, stack_layers, to_t5g2
+from t5g2.model.config import ConfigError, ModelConfig
+
+log = logging.getLogger(__name__)
+
+T5GEMMA2_VOCAB_SIZE = 262_144
+# T5Gemma 2 layer names that Gemma 3 spells differently.
+_GEMMA3_NAMES = {"pre_self_attn_layernorm.weight": "input_layernorm.weight",
+                 "post_self_attn_layernorm.weight": "post_attention_layernorm.weight"}
+# Gemma3ForCausalLM, Gemma3ForConditionalGeneration (transformers 5 and 4) text prefixes.
+_TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
+_HEAD_KEYS = ("lm_head.weight", "language_model.lm_head.weight")
+_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.")
+
+
+def config_from_gemma3(gemma3_config: Any, *, vocab_size: int | None = None,
+                       **overrides: Any) -> ModelConfig:
+    """T5Gemma 2 config with both stacks shaped like the Gemma 3 text model.
+
+    vocab_size: default T5Gemma 2's 262,144, or the source's own size if that is smaller.
+    overrides: any ModelConfig field, e.g. cross_attention='separate', tie_embeddings=False.
+    """
+    d = as_dict(gemma3_config)
+    d = d.get("text_config") or d  # a multimodal Gemma3Config nests the text config
+    stack = stack_from_hf_text(d, "gemma3")
+    fields = dict(
+        encoder=stack, decoder=stack,
+        vocab_size=vocab_size or min(d["vocab_size"], T5GEMMA2_VOCAB_SIZE),
+        final_logit_softcap=d.get("final_logit_softcapping"),
+        pad_id=d.get("pad_token_id", 0), eos_id=first_id(d.get("eos_token_id", 1)),
+        bos_id=d.get("bos_token_id", 2))
+    fields.update(overrides)
+    cfg = ModelConfig(**fields)
+    cfg.validate()
+    return cfg
+
+
+def _text_key(key: str) -> str | None:
+    if key in _HEAD_KEYS:
+        return "lm_head.weight"
+    for prefix in _TEXT_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+def fit_vocab(table: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Keeps the first `vocab_size` rows; a source with fewer rows is an error."""
+    if table.shape[0] < vocab_size:
+        raise ValueError(f"Gemma 3 table has {table.shape[0]} rows, fewer than the configured "
+                         f"vocab_size={vocab_size}")
+    if table.shape[0] > vocab_size:
+        log.info("dropping %d embedding rows (ids %d..%d) beyond vocab_size=%d",
+                 table.shape[0] - vocab_size, vocab_size, table.shape[0] - 1, vocab_size)
+    return table[:vocab_size]
+
+
+def adapt_state_dict(state_dict: Mapping[str, Any], cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """t5g2 flat params initialised from a Gemma 3 state dict (numpy arrays or torch tensors)."""
+    if cfg.encoder != cfg.decoder:
+        raise ConfigError("adaptation needs model.encoder == model.decoder (both are Gemma 3)")
+    sd: dict[str, np.ndarray] = {}
+    for key, value in state_dict.items():
+        sd[_text_key(key)] = to_numpy(value)
+    used = {k for k in sd if k.startswith(_VISION_PREFIXES)}
+
+    def take(key: str) -> np.ndarray:
+        if key not in sd:
+            raise KeyError(f"Gemma 3 checkpoint has no tensor {key!r}")
+        used.add(key)
+        return sd[key]
+
+    stack = cfg.decoder
+    table = fit_vocab(take("embed_tokens.weight"), cfg.vocab_size)
+    head = fit_vocab(take("lm_head.weight"), cfg.vocab_size) if "lm_head.weight" in sd else table
+    if cfg.tie_embeddings and head is not table and not np.array_equal(head, table):
+        raise ValueError("Gemma 3 lm_head.weight differs from its embedding; set "
+                         "tie_embeddings=False to keep both")
+    eoi = np.zeros(table.shape[1], table.dtype)
+    if cfg.eoi_token_id < cfg.vocab_size:
+        eoi = (table[cfg.eoi_token_id].astype(np.float32) * math.sqrt(stack.d_model))
+    flat = {"embed/table": table, "embed/eoi": eoi}
+    if not cfg.tie_embeddings:
+        flat.update({"decoder_embed/table": table, "decoder_embed/eoi": eoi, "lm_head": head})
+
+    layers = {i: {ours: to_t5g2(take(f"layers.{i}.{_GEMMA3_NAMES.get(hf, hf)}"), layout,
+                                stack.head_dim)
+                  for hf, ours, layout in LAYER_WEIGHTS}
+              for i in range(stack.num_layers)}
+    final_norm = take("norm.weight")
+    flat["encoder/final_norm/scale"] = flat["decoder/final_norm/scale"] = final_norm
+    flat.update(stack_layers(cfg.encoder, "encoder/layers", layers))
+    decoder_layers = {i: dict(w) for i, w in layers.items()}
+    for i, has_cross in enumerate(cfg.decoder_has_cross):
+        if has_cross:
+            w = decoder_layers[i]
+            w.update({"cross_attn/" + k[len("attn/"):]: v for k, v in w.items()
+                      if k.startswith("attn/")})
+            w["pre_cross_norm/scale"] = w["pre_attn_norm/scale"]
+            w["post_cross_norm/scale"] = w["post_attn_norm/scale"]
+    flat.update(stack_layers(cfg.decoder, "decoder/layers", decoder_layers))
+
+    unexpected = sorted(set(sd) - used)
+    if unexpected:
+        raise ValueError(f"Gemma 3 checkpoint has tensors t5g2 does not know: {unexpected[:8]}")
+    return flat
+
+
+def load_gemma3(path: str, **overrides: Any) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """(config, adapted flat params) from a Gemma 3 checkpoint directory (sharded or not)."""
+    cfg = config_from_gemma3(checkpoint_files.read_config(path), **overrides)
+    return cfg, adapt_state_dict(checkpoint_files.read_state_dict(path), cfg)

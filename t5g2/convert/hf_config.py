@@ -1,0 +1,109 @@
+"""Hugging Face text configs (T5Gemma 2 text/decoder, Gemma 3 text) <-> t5g2 `StackConfig`.
+
+Works on plain dicts (`config.json`, or `PretrainedConfig.to_dict()`), so reading a checkpoint
+needs no transformers import.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from t5g2.model.config import ConfigError, StackConfig
+
+FULL, SLIDING = "full_attention", "sliding_attention"
+
+
+def as_dict(config: Any) -> dict[str, Any]:
+    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+
+def first_id(ids: Any) -> int:
+    return ids[0] if isinstance(ids, (list, tuple)) else ids
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor; bf16 has no numpy dtype, so go via float32
+        import torch
+
+        value = value.detach().cpu()
+        return (value.float().numpy() if value.dtype == torch.bfloat16 else value.numpy())
+    return np.asarray(value)
+
+
+def pattern_from_layer_types(layer_types: list[str], where: str) -> int:
+    """The p with 'layer i is global iff (i + 1) % p == 0' that reproduces `layer_types`."""
+    n = len(layer_types)
+    unknown = sorted(set(layer_types) - {FULL, SLIDING})
+    if unknown:
+        raise ConfigError(f"{where}.layer_types has unknown types {unknown}")
+    candidates = [layer_types.index(FULL) + 1] if FULL in layer_types else [6, n + 1]
+    for p in candidates:
+        if all((t == FULL) == ((i + 1) % p == 0) for i, t in enumerate(layer_types)):
+            return p
+    raise ConfigError(f"{where}.layer_types={layer_types} is not a periodic 'local...local, "
+                      "global' pattern, which t5g2's scanned layer stack requires")
+
+
+def _rope(params: Mapping[str, Any] | None, kind: str, where: str,
+          default_theta: float) -> tuple[float, float]:
+    entry = dict((params or {}).get(kind) or {})
+    rope_type = entry.get("rope_type", "default")
+    theta = float(entry.get("rope_theta", default_theta))
+    if rope_type == "default":
+        return theta, 1.0
+    if rope_type == "linear":
+        return theta, float(entry["factor"])
+    raise ConfigError(f"{where}.rope_parameters[{kind!r}].rope_type={rope_type!r} is not "
+                      "supported; t5g2 implements 'default' and 'linear'")
+
+
+def stack_from_hf_text(d: Mapping[str, Any], where: str) -> StackConfig:
+    act = d.get("hidden_activation") or d.get("hidden_act")
+    if act not in ("gelu_pytorch_tanh", None):
+        raise ConfigError(f"{where}.hidden_activation={act!r}: t5g2 implements gelu_pytorch_tanh")
+    if d.get("attention_bias"):
+        raise ConfigError(f"{where}.attention_bias=True is not supported (Gemma 3 has no bias)")
+    n = d["num_hidden_layers"]
+    layer_types = d.get("layer_types") or [
+        FULL if (i + 1) % d.get("sliding_window_pattern", 6) == 0 else SLIDING for i in range(n)]
+    if len(layer_types) != n:
+        raise ConfigError(f"{where}.layer_types has {len(layer_types)} entries for "
+                          f"num_hidden_layers={n}")
+    rope = d.get("rope_parameters")
+    local_theta, local_scale = _rope(rope, SLIDING, where, d.get("rope_local_base_freq", 1e4))
+    global_theta, global_scale = _rope(rope, FULL, where, d.get("rope_theta", 1e6))
+    return StackConfig(
+        num_layers=n, d_model=d["hidden_size"], ffn_dim=d["intermediate_size"],
+        num_heads=d["num_attention_heads"], num_kv_heads=d["num_key_value_heads"],
+        head_dim=d["head_dim"], query_pre_attn_scalar=float(d["query_pre_attn_scalar"]),
+        sliding_window=d["sliding_window"],
+        sliding_window_pattern=pattern_from_layer_types(list(layer_types), where),
+        local_rope_theta=local_theta, global_rope_theta=global_theta,
+        local_rope_scale=local_scale, global_rope_scale=global_scale,
+        rms_norm_eps=float(d["rms_norm_eps"]))
+
+
+def _rope_entry(theta: float, scale: float) -> dict[str, Any]:
+    if scale == 1.0:
+        return {"rope_type": "default", "rope_theta": theta}
+    return {"rope_type": "linear", "factor": scale, "rope_theta": theta}
+
+
+def _int_if_whole(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else x  # HF's strict config wants an int here
+
+
+def hf_text_from_stack(s: StackConfig, **extra: Any) -> dict[str, Any]:
+    """The HF text-config fields for one stack (`extra`: vocab_size, token ids, softcap...)."""
+    return dict(
+        num_hidden_layers=s.num_layers, hidden_size=s.d_model, intermediate_size=s.ffn_dim,
+        num_attention_heads=s.num_heads, num_key_value_heads=s.num_kv_heads,
+        head_dim=s.head_dim, query_pre_attn_scalar=_int_if_whole(s.query_pre_attn_scalar),
+        sliding_window=s.sliding_window, rms_norm_eps=s.rms_norm_eps,
+        hidden_activation="gelu_pytorch_tanh",
+        layer_types=[FULL if s.is_global(i) else SLIDING for i in range(s.num_layers)],
+        rope_parameters={FULL: _rope_entry(s.global_rope_theta, s.global_rope_scale),
+                         SLIDING: _rope_entry(s.local_rope_theta, s.local_rope_scale)},
+        **extra)

@@ -1,0 +1,1 @@
+"""Training: loss, train state, steps and loop."""
