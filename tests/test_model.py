@@ -12,6 +12,7 @@ from flax import nnx
 from configs import tiny
 from t5g2.model import ConfigError, ModelConfig, T5Gemma2
 from t5g2.model.params import flat_params, load_params, logical_axes
+from t5g2.model.transformer import insert_image_features
 from t5g2.train.loss import cross_entropy
 from tests.reference import tiny_config
 
@@ -162,3 +163,19 @@ def test_unknown_field_is_named():
     cd.encoder.num_layer = 3
     with pytest.raises(ConfigError, match=r"unknown field\(s\) model\.encoder\.num_layer"):
         ModelConfig.from_config_dict(cd)
+
+
+def test_image_features_fill_placeholders_in_row_major_order():
+    cfg = tiny_config(**SMALL)
+    model = T5Gemma2(cfg, rngs=nnx.Rngs(0))
+    img = cfg.image_token_id
+    tokens = np.array([[5, img, img, 6, img], [img, 7, 8, 9, 10]])
+    features = np.arange(2 * 2 * 64, dtype=np.float32).reshape(2, 2, 64)
+    x = model.embed(jnp.asarray(tokens), jnp.float32)
+    out = np.asarray(insert_image_features(x, tokens, features, img))
+    flat = features.reshape(4, 64)
+    np.testing.assert_array_equal(out[0, [1, 2, 4]], flat[:3])
+    np.testing.assert_array_equal(out[1, 0], flat[3])
+    np.testing.assert_array_equal(out[0, [0, 3]], np.asarray(x)[0, [0, 3]])
+    with pytest.raises(ValueError, match="3 image placeholder tokens for 4"):
+        insert_image_features(x, tokens[:1], features, img)

@@ -173,6 +173,23 @@ def _default_ids(tokens, segment_ids, positions, pad_id):
     return segment_ids, positions
 
 
+def insert_image_features(x: jax.Array, tokens: jax.Array, features: jax.Array,
+                          image_token_id: int) -> jax.Array:
+    """Puts image features, unscaled, at the placeholder tokens in (batch, position) order.
+
+    All images' tokens are flattened [num_images * tokens_per_image, D] and fill the
+    placeholders row-major, as the reference's masked scatter does; the counts must match.
+    """
+    is_image = tokens == image_token_id
+    flat = features.reshape(-1, features.shape[-1]).astype(x.dtype)
+    if not isinstance(is_image, jax.core.Tracer) and int(is_image.sum()) != flat.shape[0]:
+        raise ValueError(f"{int(is_image.sum())} image placeholder tokens for {flat.shape[0]} "
+                         "image feature vectors")
+    index = jnp.cumsum(is_image.reshape(-1)) - 1
+    gathered = flat[jnp.clip(index, 0, flat.shape[0] - 1)].reshape(x.shape)
+    return jnp.where(is_image[..., None], gathered, x)
+
+
 class Encoder(nnx.Module):
     """Bidirectional Gemma 3 stack over (text and, later, image) embeddings."""
 
@@ -239,10 +256,18 @@ class T5Gemma2(nnx.Module):
     def dtype(self):
         return jnp.dtype(self.config.dtype)
 
-    def encode(self, tokens, segment_ids=None, positions=None) -> jax.Array:
-        """Encoder outputs [B,S,D] (final-normed)."""
+    def encode(self, tokens, segment_ids=None, positions=None, image_features=None) -> jax.Array:
+        """Encoder outputs [B,S,D] (final-normed).
+
+        image_features [num_images, tokens_per_image, D] (the vision tower's projected output)
+        replace the image placeholder tokens; image tokens are then ordinary, fully visible
+        encoder positions.
+        """
         segment_ids, positions = _default_ids(tokens, segment_ids, positions, self.config.pad_id)
-        return self.encoder(self.embed(tokens, self.dtype), segment_ids, positions)
+        x = self.embed(tokens, self.dtype)
+        if image_features is not None:
+            x = insert_image_features(x, tokens, image_features, self.config.image_token_id)
+        return self.encoder(x, segment_ids, positions)
 
     def decode(self, tokens, encoded, encoder_segment_ids, encoder_positions=None,
                segment_ids=None, positions=None) -> jax.Array:
