@@ -19,7 +19,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from t5g2.convert import checkpoint_files
-from t5g2.convert.hf_config import as_dict, first_id, stack_from_hf_text, to_numpy
+from t5g2.convert.hf_config import (TensorSource, as_dict, first_id, stack_from_hf_text,
+                                   to_numpy)
 from t5g2.convert.layout import LAYER_WEIGHTS, stack_layers, to_t5g2
 from t5g2.model.config import ConfigError, ModelConfig
 
@@ -81,16 +82,9 @@ def adapt_state_dict(state_dict: Mapping[str, Any], cfg: ModelConfig) -> dict[st
     """t5g2 flat params initialised from a Gemma 3 state dict (numpy arrays or torch tensors)."""
     if cfg.encoder != cfg.decoder:
         raise ConfigError("adaptation needs model.encoder == model.decoder (both are Gemma 3)")
-    sd: dict[str, np.ndarray] = {}
-    for key, value in state_dict.items():
-        sd[_text_key(key)] = to_numpy(value)
-    used = {k for k in sd if k.startswith(_VISION_PREFIXES)}
-
-    def take(key: str) -> np.ndarray:
-        if key not in sd:
-            raise KeyError(f"Gemma 3 checkpoint has no tensor {key!r}")
-        used.add(key)
-        return sd[key]
+    sd = TensorSource({_text_key(k): to_numpy(v) for k, v in state_dict.items()}, "Gemma 3",
+                      _VISION_PREFIXES)
+    take = sd.take
 
     stack = cfg.decoder
     table = fit_vocab(take("embed_tokens.weight"), cfg.vocab_size)
@@ -122,9 +116,7 @@ def adapt_state_dict(state_dict: Mapping[str, Any], cfg: ModelConfig) -> dict[st
             w["post_cross_norm/scale"] = w["post_attn_norm/scale"]
     flat.update(stack_layers(cfg.decoder, "decoder/layers", decoder_layers))
 
-    unexpected = sorted(set(sd) - used)
-    if unexpected:
-        raise ValueError(f"Gemma 3 checkpoint has tensors t5g2 does not know: {unexpected[:8]}")
+    sd.check_all_taken()
     return flat
 
 

@@ -8,11 +8,46 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import logging
+
 import numpy as np
 
 from t5g2.model.config import ConfigError, StackConfig
 
 FULL, SLIDING = "full_attention", "sliding_attention"
+log = logging.getLogger(__name__)
+
+
+class TensorSource:
+    """A checkpoint's tensors, each to be taken once: what is left at the end is an error.
+
+    Keys starting with one of `skip_prefixes` (parts t5g2 does not model yet, e.g. the vision
+    tower) are skipped and counted, never silently dropped.
+    """
+
+    def __init__(self, tensors: Mapping[str, np.ndarray], name: str,
+                 skip_prefixes: tuple[str, ...] = ()):
+        self.tensors, self.name, self.skip_prefixes = dict(tensors), name, skip_prefixes
+        self.used = {k for k in self.tensors if k.startswith(skip_prefixes)}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    def take(self, key: str) -> np.ndarray:
+        if key not in self.tensors:
+            raise KeyError(f"{self.name} checkpoint has no tensor {key!r}")
+        self.used.add(key)
+        return self.tensors[key]
+
+    def check_all_taken(self) -> None:
+        unexpected = sorted(set(self.tensors) - self.used)
+        if unexpected:
+            raise ValueError(f"{self.name} checkpoint has tensors t5g2 does not know: "
+                             f"{unexpected[:8]}")
+        skipped = sum(k.startswith(self.skip_prefixes) for k in self.tensors)
+        if skipped:
+            log.warning("%s: skipped %d tensors under %s (not part of t5g2's text model)",
+                        self.name, skipped, ", ".join(self.skip_prefixes))
 
 
 def as_dict(config: Any) -> dict[str, Any]:

@@ -8,18 +8,15 @@ tower and projector are not part of t5g2's text model yet: their keys are skippe
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Mapping
 
 import numpy as np
 
 from t5g2.convert import checkpoint_files
-from t5g2.convert.hf_config import (as_dict, first_id, hf_text_from_stack, stack_from_hf_text,
-                                   to_numpy)
+from t5g2.convert.hf_config import (TensorSource, as_dict, first_id, hf_text_from_stack,
+                                   stack_from_hf_text, to_numpy)
 from t5g2.convert.layout import LAYER_WEIGHTS, stack_layers, to_t5g2, to_torch, unstack_layers
 from t5g2.model.config import ConfigError, ModelConfig
-
-log = logging.getLogger(__name__)
 
 VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.multi_modal_projector.")
 _IN_MEMORY_ALIASES = (("model.encoder.text_model.", "model.encoder."),)
@@ -108,20 +105,14 @@ def _canonical(key: str) -> str:
 def from_hf_state_dict(state_dict: Mapping[str, Any], cfg: ModelConfig) -> dict[str, np.ndarray]:
     """t5g2 flat params from a T5Gemma 2 state dict (numpy arrays or torch tensors)."""
     _require_merged(cfg)
-    sd = {_canonical(k): to_numpy(v) for k, v in state_dict.items()}
-    used = {k for k in sd if k.startswith(VISION_PREFIXES)}
-
-    def take(key: str) -> np.ndarray:
-        if key not in sd:
-            raise KeyError(f"T5Gemma 2 checkpoint has no tensor {key!r}")
-        used.add(key)
-        return sd[key]
-
+    sd = TensorSource({_canonical(k): to_numpy(v) for k, v in state_dict.items()},
+                      "T5Gemma 2", VISION_PREFIXES)
+    take = sd.take
     flat = {ours: take(hf) for ours, hf in _embedding_keys(cfg).items()}
     if cfg.tie_embeddings:
         for copy, source in _TIED_COPIES.items():
             if copy in sd:
-                if not np.array_equal(take(copy), sd[source]):
+                if not np.array_equal(take(copy), sd.tensors[source]):
                     raise ValueError(f"{copy} differs from {source} but the config ties them")
     for side in SIDES:
         stack = getattr(cfg, side)
@@ -131,12 +122,7 @@ def from_hf_state_dict(state_dict: Mapping[str, Any], cfg: ModelConfig) -> dict[
                       for hf, ours, layout in LAYER_WEIGHTS}
                   for i in range(stack.num_layers)}
         flat.update(stack_layers(stack, f"{side}/layers", layers))
-    unexpected = sorted(set(sd) - used)
-    if unexpected:
-        raise ValueError(f"T5Gemma 2 checkpoint has tensors t5g2 does not know: {unexpected[:8]}")
-    skipped = sum(k.startswith(VISION_PREFIXES) for k in sd)
-    if skipped:
-        log.warning("skipped %d vision tower / projector tensors (t5g2 text model)", skipped)
+    sd.check_all_taken()
     return flat
 
 

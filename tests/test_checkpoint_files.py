@@ -1,0 +1,69 @@
+"""Bad checkpoints give clear errors naming the file or tensor; nothing is silently dropped."""
+
+import json
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from t5g2.convert import checkpoint_files, hf_t5gemma2
+from t5g2.convert.checkpoint_files import CheckpointError
+from t5g2.model import T5Gemma2
+from t5g2.model.params import flat_params
+from tests.reference import tiny_config
+
+CFG = tiny_config(num_layers=7)
+
+
+def _state_dict():
+    return hf_t5gemma2.to_hf_state_dict(flat_params(T5Gemma2(CFG, rngs=nnx.Rngs(0))), CFG)
+
+
+def _write(path, sd):
+    checkpoint_files.write_checkpoint(str(path), sd, {"model_type": "t5gemma2"})
+
+
+def test_missing_directory_and_config(tmp_path):
+    with pytest.raises(CheckpointError, match="no config.json"):
+        checkpoint_files.read_config(str(tmp_path / "nowhere"))
+    with pytest.raises(CheckpointError, match="neither model.safetensors nor"):
+        checkpoint_files.read_state_dict(str(tmp_path))
+
+
+def test_state_dict_survives_a_write_and_read(tmp_path):
+    sd = _state_dict()
+    _write(tmp_path, sd)
+    back = checkpoint_files.read_state_dict(str(tmp_path))
+    assert set(back) == set(sd)
+    assert all(np.array_equal(back[k], sd[k]) for k in sd)
+
+
+def test_truncated_file_is_reported(tmp_path):
+    _write(tmp_path, _state_dict())
+    file = tmp_path / checkpoint_files.SINGLE_FILE
+    file.write_bytes(file.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="corrupt or unreadable safetensors"):
+        checkpoint_files.read_state_dict(str(tmp_path))
+
+
+def test_missing_shard_is_reported(tmp_path):
+    (tmp_path / checkpoint_files.INDEX_FILE).write_text(
+        json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}}))
+    with pytest.raises(CheckpointError, match="model-00001-of-00002.safetensors: shard named"):
+        checkpoint_files.read_state_dict(str(tmp_path))
+
+
+def test_unknown_and_missing_tensors_are_errors():
+    sd = _state_dict()
+    with pytest.raises(ValueError, match="tensors t5g2 does not know: .'model.decoder.extra'"):
+        hf_t5gemma2.from_hf_state_dict({**sd, "model.decoder.extra": np.zeros(2)}, CFG)
+    del sd["model.decoder.layers.3.mlp.up_proj.weight"]
+    with pytest.raises(KeyError, match="model.decoder.layers.3.mlp.up_proj.weight"):
+        hf_t5gemma2.from_hf_state_dict(sd, CFG)
+
+
+def test_tied_copies_must_agree():
+    sd = _state_dict()
+    bad = {**sd, "lm_head.out_proj.weight": sd["model.encoder.embed_tokens.weight"] + 1}
+    with pytest.raises(ValueError, match="lm_head.out_proj.weight differs"):
+        hf_t5gemma2.from_hf_state_dict(bad, CFG)
