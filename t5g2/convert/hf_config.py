@@ -81,20 +81,47 @@ def pattern_from_layer_types(layer_types: list[str], where: str) -> int:
                       "global' pattern, which t5g2's scanned layer stack requires")
 
 
-def _rope(params: Mapping[str, Any] | None, kind: str, where: str,
-          default_theta: float) -> tuple[float, float]:
-    entry = dict((params or {}).get(kind) or {})
+# The defaults of transformers' Gemma3TextConfig / T5Gemma2TextConfig (identical). Published
+# config.json files list only what differs from them (Gemma 3 4B's text_config has 6 keys).
+TEXT_DEFAULTS = dict(
+    vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+    num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+    sliding_window=4096, rms_norm_eps=1e-6, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    hidden_activation="gelu_pytorch_tanh", attention_bias=False, rope_theta=1_000_000.0,
+    rope_local_base_freq=10_000.0, sliding_window_pattern=6)
+
+
+def rope_parameters(d: Mapping[str, Any], where: str) -> dict[str, dict[str, Any]]:
+    """Per-layer-type RoPE entries, folding in the legacy rope_scaling / rope_theta /
+    rope_local_base_freq fields the way transformers does."""
+    given = d.get("rope_parameters") or {}
+    stray = sorted(set(given) - {FULL, SLIDING})
+    if stray:
+        raise ConfigError(f"{where}.rope_parameters has top-level keys {stray}; the reference "
+                          f"ignores them for per-layer-type models: put them under {FULL!r} "
+                          f"or {SLIDING!r}")
+    full, sliding = dict(given.get(FULL) or {}), dict(given.get(SLIDING) or {})
+    full.update(d.get("rope_scaling") or {})
+    full.setdefault("rope_theta", d["rope_theta"])
+    sliding.setdefault("rope_theta", d["rope_local_base_freq"])
+    return {FULL: full, SLIDING: sliding}
+
+
+def _rope(entry: Mapping[str, Any], where: str) -> tuple[float, float]:
+    """(theta, linear factor) of one RoPE entry; anything else is an error, never ignored."""
+    if "type" in entry and "rope_type" not in entry:
+        raise ConfigError(f"{where}={dict(entry)}: the legacy key 'type' is ignored by the "
+                          "reference; name it 'rope_type'")
     rope_type = entry.get("rope_type", "default")
-    theta = float(entry.get("rope_theta", default_theta))
-    if rope_type == "default":
-        return theta, 1.0
-    if rope_type == "linear":
-        return theta, float(entry["factor"])
-    raise ConfigError(f"{where}.rope_parameters[{kind!r}].rope_type={rope_type!r} is not "
-                      "supported; t5g2 implements 'default' and 'linear'")
+    theta, factor = float(entry["rope_theta"]), float(entry.get("factor", 1.0))
+    if rope_type == "linear" or (rope_type == "default" and factor == 1.0):
+        return theta, factor
+    raise ConfigError(f"{where}={dict(entry)}: t5g2 implements rope_type 'default' (no factor) "
+                      "and 'linear'")
 
 
 def stack_from_hf_text(d: Mapping[str, Any], where: str) -> StackConfig:
+    d = {**TEXT_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
     act = d.get("hidden_activation") or d.get("hidden_act")
     if act not in ("gelu_pytorch_tanh", None):
         raise ConfigError(f"{where}.hidden_activation={act!r}: t5g2 implements gelu_pytorch_tanh")
@@ -102,13 +129,13 @@ def stack_from_hf_text(d: Mapping[str, Any], where: str) -> StackConfig:
         raise ConfigError(f"{where}.attention_bias=True is not supported (Gemma 3 has no bias)")
     n = d["num_hidden_layers"]
     layer_types = d.get("layer_types") or [
-        FULL if (i + 1) % d.get("sliding_window_pattern", 6) == 0 else SLIDING for i in range(n)]
+        FULL if (i + 1) % d["sliding_window_pattern"] == 0 else SLIDING for i in range(n)]
     if len(layer_types) != n:
         raise ConfigError(f"{where}.layer_types has {len(layer_types)} entries for "
                           f"num_hidden_layers={n}")
-    rope = d.get("rope_parameters")
-    local_theta, local_scale = _rope(rope, SLIDING, where, d.get("rope_local_base_freq", 1e4))
-    global_theta, global_scale = _rope(rope, FULL, where, d.get("rope_theta", 1e6))
+    rope = rope_parameters(d, where)
+    local_theta, local_scale = _rope(rope[SLIDING], f"{where}.rope_parameters.{SLIDING}")
+    global_theta, global_scale = _rope(rope[FULL], f"{where}.rope_parameters.{FULL}")
     return StackConfig(
         num_layers=n, d_model=d["hidden_size"], ffn_dim=d["intermediate_size"],
         num_heads=d["num_attention_heads"], num_kv_heads=d["num_key_value_heads"],

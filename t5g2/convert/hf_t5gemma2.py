@@ -13,9 +13,10 @@ from typing import Any, Mapping
 import numpy as np
 
 from t5g2.convert import checkpoint_files
-from t5g2.convert.hf_config import (TensorSource, as_dict, first_id, hf_text_from_stack,
-                                   stack_from_hf_text, to_numpy)
-from t5g2.convert.layout import LAYER_WEIGHTS, stack_layers, to_t5g2, to_torch, unstack_layers
+from t5g2.convert.hf_config import (TEXT_DEFAULTS, TensorSource, as_dict, first_id,
+                                   hf_text_from_stack, stack_from_hf_text, to_numpy)
+from t5g2.convert.layout import (LAYER_WEIGHTS, stack_layers, to_t5g2, to_torch,
+                                 unstack_layers)
 from t5g2.model.config import ConfigError, ModelConfig
 
 VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.multi_modal_projector.")
@@ -33,7 +34,7 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> ModelConfig:
     d = as_dict(hf_config)
     if d.get("model_type") not in (None, "t5gemma2"):
         raise ConfigError(f"model_type={d.get('model_type')!r}: expected 't5gemma2'")
-    enc, dec = d["encoder"]["text_config"], d["decoder"]
+    enc, dec = ({**TEXT_DEFAULTS, **c} for c in (d["encoder"]["text_config"], d["decoder"]))
     if enc["vocab_size"] != dec["vocab_size"]:
         raise ConfigError(f"encoder vocab_size={enc['vocab_size']} != decoder vocab_size="
                           f"{dec['vocab_size']}")

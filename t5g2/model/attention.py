@@ -74,9 +74,10 @@ def dot_product_attention(q: jax.Array, parts: Sequence[KVPart], scale: float) -
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k) * jnp.asarray(scale, q.dtype)
-    scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32),
-                       jnp.finfo(jnp.float32).min)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k)
+    # Scale by the unrounded scalar, then round to the compute dtype once, as the reference does.
+    scores = (scores.astype(jnp.float32) * scale).astype(q.dtype).astype(jnp.float32)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
     return out.reshape(b, t, n, h)

@@ -65,7 +65,8 @@ class Embedder(nnx.Module):
 
 
 def gelu_tanh(x: jax.Array) -> jax.Array:
-    return jax.nn.gelu(x, approximate=True)
+    """tanh-approximated GELU, computed in float32 and rounded once (as torch does in bf16)."""
+    return jax.nn.gelu(x.astype(jnp.float32), approximate=True).astype(x.dtype)
 
 
 class MLP(nnx.Module):

@@ -165,9 +165,11 @@ class LayerStack(nnx.Module):
         return x
 
 
-def _default_ids(tokens, segment_ids, positions, pad_id):
+def _default_ids(tokens, segment_ids, positions):
+    """Without segment ids every token is valid (as the reference without an attention mask);
+    pass segment ids (0 = padding) to mask padding or to pack several examples per row."""
     if segment_ids is None:
-        segment_ids = (tokens != pad_id).astype(jnp.int32)
+        segment_ids = jnp.ones(tokens.shape, jnp.int32)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     return segment_ids, positions
@@ -263,7 +265,7 @@ class T5Gemma2(nnx.Module):
         replace the image placeholder tokens; image tokens are then ordinary, fully visible
         encoder positions.
         """
-        segment_ids, positions = _default_ids(tokens, segment_ids, positions, self.config.pad_id)
+        segment_ids, positions = _default_ids(tokens, segment_ids, positions)
         x = self.embed(tokens, self.dtype)
         if image_features is not None:
             x = insert_image_features(x, tokens, image_features, self.config.image_token_id)
@@ -272,7 +274,7 @@ class T5Gemma2(nnx.Module):
     def decode(self, tokens, encoded, encoder_segment_ids, encoder_positions=None,
                segment_ids=None, positions=None) -> jax.Array:
         """Decoder final hidden states [B,T,D]; `logits` maps them to the vocabulary."""
-        segment_ids, positions = _default_ids(tokens, segment_ids, positions, self.config.pad_id)
+        segment_ids, positions = _default_ids(tokens, segment_ids, positions)
         if encoder_positions is None:
             encoder_positions = jnp.zeros_like(encoder_segment_ids)
         embed = self.embed if self.config.tie_embeddings else self.decoder_embed
@@ -292,7 +294,7 @@ class T5Gemma2(nnx.Module):
                  decoder_positions=None) -> jax.Array:
         """Logits [B,T,V] for the decoder inputs given the encoder inputs."""
         encoder_segment_ids, encoder_positions = _default_ids(
-            encoder_input_tokens, encoder_segment_ids, encoder_positions, self.config.pad_id)
+            encoder_input_tokens, encoder_segment_ids, encoder_positions)
         encoded = self.encode(encoder_input_tokens, encoder_segment_ids, encoder_positions)
         hidden = self.decode(decoder_input_tokens, encoded, encoder_segment_ids,
                              encoder_positions, decoder_segment_ids, decoder_positions)
