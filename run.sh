@@ -25,7 +25,7 @@ mode=${1:-run}
 case "$mode" in
   run)
     setup requirements.txt
-    exec "$VENV/bin/python" -m launch.smoke --config configs/tiny.py "$@" ;;
+    exec "$VENV/bin/python" -m launch.train --config configs/tiny.py --workdir workdir/tiny "$@" ;;
   test)
     setup requirements.txt requirements-test.txt
     exec "$VENV/bin/python" -m pytest "$@" ;;

@@ -1,7 +1,8 @@
-"""Shared config structure. Each size file fills in the Gemma 3 dimensions.
+"""Shared config structure. Each size file fills in the Gemma 3 dimensions and the run settings.
 
-Fields under `model` are checked by `t5g2.model.ModelConfig.from_config_dict`; override any of
-them from the command line, e.g. `--config.model.cross_attention=separate`.
+Sections: `model` (t5g2.model.ModelConfig), `train` (t5g2.train.config.TrainConfig), `mesh`
+(t5g2.sharding), `data`. Each is validated once at start; override any field from the command
+line, e.g. `--config.model.cross_attention=separate --config.mesh.fsdp=8`.
 """
 
 import ml_collections
@@ -30,9 +31,42 @@ def model(encoder, *, vocab_size=262_144, decoder=None):
     ))
 
 
-def config(model_cfg, *, name):
+def train(*, batch_size, encoder_length, decoder_length, steps, learning_rate=1e-4,
+          grad_accum_steps=1, log_every=10):
+    """AdamW, 100 warmup steps then cosine decay, global-norm clipping 1.0 (the paper's)."""
+    return ml_collections.ConfigDict(dict(
+        batch_size=batch_size, encoder_length=encoder_length, decoder_length=decoder_length,
+        steps=steps, learning_rate=learning_rate, warmup_steps=100, min_learning_rate_ratio=0.1,
+        weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, grad_clip_norm=1.0, z_loss=1e-4,
+        grad_accum_steps=grad_accum_steps, log_every=log_every,
+    ))
+
+
+def mesh(*, data=-1, fsdp=1, tensor=1):
+    """ICI axis sizes (one may be -1 = the rest) and DCN sizes (slices / hosts) per axis."""
+    return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor, dcn_data=1,
+                                          dcn_fsdp=1, dcn_tensor=1))
+
+
+def config(model_cfg, train_cfg, mesh_cfg, *, name):
     cfg = ml_collections.ConfigDict()
     cfg.name = name
-    cfg.model = model_cfg
     cfg.seed = 0
+    cfg.model = model_cfg
+    cfg.train = train_cfg
+    cfg.mesh = mesh_cfg
+    # Until the UL2 pipeline lands: a synthetic copy task; distinct_batches=k cycles through k
+    # batches (0: a new batch every step).
+    cfg.data = ml_collections.ConfigDict(dict(source="synthetic", distinct_batches=0))
+    # Peak FLOP/s of one device for MFU; None: the device kind's published bf16 peak, or on
+    # CPU a matmul measured at start.
+    cfg.peak_flops_per_device = ml_collections.FieldReference(None, field_type=float)
     return cfg
+
+
+def adaptation_16k(model_cfg, *, name, batch_size=8):
+    """16K-token adaptation on one 8-chip host (v5p-8, 8xH100): FSDP over every device."""
+    model_cfg.remat = "full"
+    return config(model_cfg, train(batch_size=batch_size, encoder_length=16_384,
+                                   decoder_length=16_384, steps=100_000),
+                  mesh(data=1, fsdp=-1, tensor=1), name=name)

@@ -1,6 +1,6 @@
-"""A tiny T5Gemma 2 for tests and the CPU smoke run: 12 layers (two global), GQA 4/2, window 8.
+"""A tiny T5Gemma 2 for tests and the CPU main job: 12 layers (two global), GQA 4/2, window 8.
 
-Small enough to run in seconds on one CPU core, large enough that every mechanism matters:
+Small enough to train in seconds on one CPU core, large enough that every mechanism matters:
 sequences longer than the window, two global layers, grouped-query attention with 2 kv heads,
 head_dim != query_pre_attn_scalar, an EOI id inside the vocabulary.
 """
@@ -12,8 +12,13 @@ def get_config():
     enc = base.stack(num_layers=12, d_model=64, ffn_dim=128, num_heads=4, num_kv_heads=2,
                      head_dim=16, query_pre_attn_scalar=24.0, sliding_window=8,
                      global_rope_scale=8.0)
-    cfg = base.config(base.model(enc, vocab_size=512), name="tiny")
-    cfg.model.eoi_token_id = 500
-    cfg.model.image_token_id = 501
-    cfg.model.dtype = "float32"
+    model = base.model(enc, vocab_size=512)
+    model.eoi_token_id = 500
+    model.image_token_id = 501
+    model.dtype = "float32"
+    train = base.train(batch_size=8, encoder_length=32, decoder_length=16, steps=100,
+                       learning_rate=3e-3, log_every=10)
+    train.warmup_steps = 5
+    cfg = base.config(model, train, base.mesh(), name="tiny")
+    cfg.data.distinct_batches = 1  # the CPU smoke run memorises one batch: the loss must fall
     return cfg

@@ -1,7 +1,10 @@
 import os
 import sys
 
-# Tests run on CPU, in float32, deterministically; tests that need several devices spawn their own
-# processes with XLA_FLAGS set.
+# Tests run on CPU, deterministically, with 8 virtual devices so sharded meshes can be tested;
+# unsharded tests use the first device only.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_force_host_platform_device_count=8").strip()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

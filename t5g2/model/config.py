@@ -11,13 +11,11 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
+from t5g2.configlib import ConfigError, build, positive, to_dict
+
 CROSS_ATTENTION_MODES = ("merged", "separate", "global_only")
 REMAT_POLICIES = ("none", "full", "save_dots")
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,13 +88,13 @@ class ModelConfig:
     @classmethod
     def from_config_dict(cls, cd: Mapping[str, Any], prefix: str = "model") -> "ModelConfig":
         """Builds and validates from an ml_collections ConfigDict (or any mapping)."""
-        d = _to_dict(cd)
+        d = to_dict(cd)
         stacks = {}
         for side in ("encoder", "decoder"):
             if side not in d:
                 raise ConfigError(f"{prefix}.{side} is missing: give the {side} stack's dimensions")
-            stacks[side] = _build(StackConfig, _to_dict(d.pop(side)), f"{prefix}.{side}")
-        cfg = _build(cls, {**d, **stacks}, prefix)
+            stacks[side] = build(StackConfig, to_dict(d.pop(side)), f"{prefix}.{side}")
+        cfg = build(cls, {**d, **stacks}, prefix)
         cfg.validate(prefix)
         return cfg
 
@@ -106,7 +104,7 @@ class ModelConfig:
     def validate(self, prefix: str = "model") -> None:
         for side in ("encoder", "decoder"):
             _validate_stack(getattr(self, side), f"{prefix}.{side}")
-        _positive(self.vocab_size, f"{prefix}.vocab_size")
+        positive(self.vocab_size, f"{prefix}.vocab_size")
         if self.cross_attention not in CROSS_ATTENTION_MODES:
             raise ConfigError(
                 f"{prefix}.cross_attention={self.cross_attention!r} is unknown; "
@@ -148,7 +146,7 @@ class ModelConfig:
 def _validate_stack(s: StackConfig, prefix: str) -> None:
     for name in ("num_layers", "d_model", "ffn_dim", "num_heads", "num_kv_heads", "head_dim",
                  "sliding_window", "sliding_window_pattern"):
-        _positive(getattr(s, name), f"{prefix}.{name}")
+        positive(getattr(s, name), f"{prefix}.{name}")
     if s.num_heads % s.num_kv_heads:
         raise ConfigError(
             f"{prefix}.num_heads={s.num_heads} is not divisible by {prefix}.num_kv_heads="
@@ -161,34 +159,3 @@ def _validate_stack(s: StackConfig, prefix: str) -> None:
         value = getattr(s, name)
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise ConfigError(f"{prefix}.{name}={value!r} must be a positive number")
-
-
-def _positive(value: Any, field: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{field}={value!r} must be a positive integer")
-
-
-def _to_dict(cd: Any) -> dict[str, Any]:
-    if hasattr(cd, "to_dict"):
-        return dict(cd.to_dict())
-    if isinstance(cd, Mapping):
-        return dict(cd)
-    raise ConfigError(f"expected a ConfigDict or mapping, got {type(cd).__name__}")
-
-
-def _build(cls: type, values: dict[str, Any], prefix: str):
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"unknown field(s) {', '.join(f'{prefix}.{u}' for u in unknown)}; "
-            f"valid: {', '.join(sorted(fields))}"
-        )
-    missing = sorted(
-        n for n, f in fields.items()
-        if n not in values and f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING
-    )
-    if missing:
-        raise ConfigError(f"missing field(s) {', '.join(f'{prefix}.{m}' for m in missing)}")
-    return cls(**values)

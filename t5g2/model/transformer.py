@@ -19,6 +19,9 @@ from t5g2.model.attention import Attention, MaskSpec, decoder_window, encoder_wi
 from t5g2.model.config import ModelConfig, StackConfig
 from t5g2.model.layers import MLP, Embedder, RMSNorm, default_init, param
 from t5g2.model.rope import rope_tables
+from t5g2.sharding import constrain
+
+RESIDUAL = ("batch", "length", "act_embed")  # logical axes of the residual stream
 
 Rope = tuple[jax.Array, jax.Array]
 
@@ -154,14 +157,14 @@ class LayerStack(nnx.Module):
 
             def period_step(x, period_state):
                 for layer in nnx.merge(graphdef, period_state).layers:
-                    x = layer(x, ctx)
+                    x = constrain(layer(x, ctx), RESIDUAL)
                 return x, None
 
             if self.remat != "none":
                 period_step = jax.checkpoint(period_step, policy=_REMAT_POLICIES[self.remat])
             x, _ = jax.lax.scan(period_step, x, state)
         for layer in self.tail:
-            x = layer(x, ctx)
+            x = constrain(layer(x, ctx), RESIDUAL)
         return x
 
 
@@ -266,7 +269,7 @@ class T5Gemma2(nnx.Module):
         encoder positions.
         """
         segment_ids, positions = _default_ids(tokens, segment_ids, positions)
-        x = self.embed(tokens, self.dtype)
+        x = constrain(self.embed(tokens, self.dtype), RESIDUAL)
         if image_features is not None:
             x = insert_image_features(x, tokens, image_features, self.config.image_token_id)
         return self.encoder(x, segment_ids, positions)
@@ -278,8 +281,9 @@ class T5Gemma2(nnx.Module):
         if encoder_positions is None:
             encoder_positions = jnp.zeros_like(encoder_segment_ids)
         embed = self.embed if self.config.tie_embeddings else self.decoder_embed
-        return self.decoder(embed(tokens, self.dtype), segment_ids, positions, encoded,
-                            encoder_segment_ids, encoder_positions)
+        y = constrain(embed(tokens, self.dtype), RESIDUAL)
+        return self.decoder(y, segment_ids, positions, encoded, encoder_segment_ids,
+                            encoder_positions)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         table = self.embed.table if self.config.tie_embeddings else self.lm_head
@@ -287,7 +291,7 @@ class T5Gemma2(nnx.Module):
         cap = self.config.final_logit_softcap
         if cap is not None:
             logits = cap * jnp.tanh(logits / cap)
-        return logits
+        return constrain(logits, ("batch", "length", "act_vocab"))
 
     def __call__(self, encoder_input_tokens, decoder_input_tokens, *, encoder_segment_ids=None,
                  encoder_positions=None, decoder_segment_ids=None,

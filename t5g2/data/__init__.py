@@ -1,0 +1,1 @@
+"""Data pipelines producing batches in the encoder-decoder contract (see `batch.py`)."""

@@ -1,0 +1,55 @@
+"""The `train` section of a config: batch, lengths, schedule, optimizer, accumulation, logging."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from t5g2.configlib import ConfigError, build, positive, to_dict
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int  # global, across all processes and accumulation steps
+    encoder_length: int
+    decoder_length: int
+    steps: int
+    learning_rate: float = 1e-4
+    warmup_steps: int = 100  # the paper's recipe: 100 warmup steps, then cosine decay
+    min_learning_rate_ratio: float = 0.1  # cosine decays to this fraction of the peak
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip_norm: float = 1.0  # global-norm clipping; 0 disables
+    z_loss: float = 0.0  # z_loss * log(Z)^2 per target token
+    grad_accum_steps: int = 1
+    log_every: int = 10
+
+    @classmethod
+    def from_config_dict(cls, cd: Mapping[str, Any], prefix: str = "train") -> "TrainConfig":
+        cfg = build(cls, to_dict(cd), prefix)
+        cfg.validate(prefix)
+        return cfg
+
+    @property
+    def microbatch_size(self) -> int:
+        return self.batch_size // self.grad_accum_steps
+
+    def validate(self, prefix: str = "train") -> None:
+        for name in ("batch_size", "encoder_length", "decoder_length", "steps",
+                     "grad_accum_steps", "log_every"):
+            positive(getattr(self, name), f"{prefix}.{name}")
+        if self.batch_size % self.grad_accum_steps:
+            raise ConfigError(f"{prefix}.batch_size={self.batch_size} is not divisible by "
+                              f"{prefix}.grad_accum_steps={self.grad_accum_steps}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"{prefix}.warmup_steps={self.warmup_steps} must be >= 0")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"{prefix}.learning_rate={self.learning_rate} must be > 0")
+        if not 0 <= self.min_learning_rate_ratio <= 1:
+            raise ConfigError(f"{prefix}.min_learning_rate_ratio={self.min_learning_rate_ratio} "
+                              "must be in [0, 1]")
+        for name in ("weight_decay", "grad_clip_norm", "z_loss"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{prefix}.{name}={getattr(self, name)} must be >= 0")

@@ -1,0 +1,214 @@
+"""Training metrics, reported by JAX process 0 only: TensorBoard scalars, metrics.jsonl, and a
+progress bar (terminal) or one log line per report (files, pipes).
+
+TensorBoard event files are written without TensorFlow. tensorboard's `EventFileWriter` opens its
+file through `tensorboard.compat.tf`, and that imports TensorFlow whenever it is installed, so this
+module writes the same records itself: `RecordWriter` (TFRecord framing, masked CRC32C) over a
+plain file, holding `event_pb2.Event` protos with `simple_value` scalar summaries.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import tqdm
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.record_writer import RecordWriter
+
+log = logging.getLogger(__name__)
+
+TENSORBOARD_DIR = "tensorboard"
+JSONL_NAME = "metrics.jsonl"
+
+_file_ids = itertools.count()  # event files made in one second by one process still sort in order
+
+
+def _finite(fmt: Callable[[float], str]) -> Callable[[float], str]:
+    return lambda v: fmt(v) if math.isfinite(v) else str(v)
+
+
+def _si(v: float) -> str:
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= scale:
+            return f"{v / scale:.3g}{prefix}"
+    return f"{v:.3g}"
+
+
+# key -> (label, formatter) for the keys the training step and loop report; the order here is the
+# order in a log line, with unknown keys after the first group (losses, optimizer) and before the
+# throughput group.
+_HEAD = {
+    "loss": ("loss", _finite(lambda v: f"{v:.4g}")),
+    "z_loss": ("z_loss", _finite(lambda v: f"{v:.3g}")),
+    "learning_rate": ("lr", _finite(lambda v: f"{v:.1e}")),
+    "lr": ("lr", _finite(lambda v: f"{v:.1e}")),
+    "grad_norm": ("grad_norm", _finite(lambda v: f"{v:.3g}")),
+}
+_TAIL = {
+    "target_tokens": ("target_tokens", _finite(lambda v: f"{v:,.0f}")),
+    "step_time_s": ("step_time", _finite(lambda v: f"{v:.3g}s")),
+    "tokens_per_s": ("tokens/s", _finite(lambda v: f"{v:,.0f}")),
+    "model_flops_per_s": ("FLOP/s", _finite(_si)),
+    "mfu": ("mfu", _finite(lambda v: f"{v:.1%}")),
+}
+_GENERIC = _finite(lambda v: f"{v:.4g}")
+_POSTFIX_KEYS = ("loss", "tokens_per_s", "mfu")  # what the progress bar shows
+
+
+def _label_and_value(key: str, value: float) -> tuple[str, str]:
+    label, fmt = _HEAD.get(key) or _TAIL.get(key) or (key, _GENERIC)
+    return label, fmt(value)
+
+
+def format_metrics(step: int, metrics: Mapping[str, float]) -> str:
+    """One compact line: `step 120 | loss 2.314 | lr 1.2e-04 | ... | tokens/s 12,345 | mfu 41.2%`."""
+    keys = ([k for k in _HEAD if k in metrics]
+            + [k for k in metrics if k not in _HEAD and k not in _TAIL]
+            + [k for k in _TAIL if k in metrics])
+    return " | ".join([f"step {step}"] +
+                      ["%s %s" % _label_and_value(k, metrics[k]) for k in keys])
+
+
+def _postfix(metrics: Mapping[str, float]) -> str:
+    return ", ".join("%s=%s" % _label_and_value(k, metrics[k])
+                     for k in _POSTFIX_KEYS if k in metrics)
+
+
+class MetricsWriter:
+    """Writes each report to TensorBoard (`workdir/tensorboard/`), `workdir/metrics.jsonl` and a
+    progress bar or a log line on stdout. On any process but 0 every method is a no-op.
+
+    Every write is flushed, so a preempted run keeps its curve. A resumed run appends to the same
+    metrics.jsonl and adds a new event file next to the old ones (TensorBoard reads all of a
+    directory's files as one run); steps logged again after a restore then appear twice.
+    Non-finite values are written as they are (metrics.jsonl then holds the `NaN`/`Infinity`
+    tokens Python's json reads) and are also logged as a warning.
+    """
+
+    def __init__(self, workdir: str, *, process_index: int = 0, total_steps: int | None = None,
+                 progress: bool | None = None):
+        self.workdir = workdir
+        self.active = process_index == 0
+        self._closed = False
+        self._events: RecordWriter | None = None
+        self._jsonl = None
+        self._bar: tqdm.tqdm | None = None
+        self.event_file: str | None = None
+        if not self.active:
+            return
+        tb_dir = os.path.join(workdir, TENSORBOARD_DIR)
+        os.makedirs(tb_dir, exist_ok=True)
+        self.event_file = os.path.join(tb_dir, "events.out.tfevents.%010d.%s.%d.%d" % (
+            time.time(), socket.gethostname(), os.getpid(), next(_file_ids)))
+        self._events = RecordWriter(open(self.event_file, "wb"))
+        self._add_event(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+        self._jsonl = open(os.path.join(workdir, JSONL_NAME), "a", encoding="utf-8")
+        if progress is None:
+            progress = sys.stdout.isatty()
+        if progress:
+            self._bar = tqdm.tqdm(total=total_steps, file=sys.stdout, unit="step",
+                                  dynamic_ncols=True)
+
+    def _add_event(self, event: event_pb2.Event) -> None:
+        self._events.write(event.SerializeToString())
+        self._events.flush()
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Reports `metrics` (scalars: floats, numpy or 0-d JAX arrays) at `step`."""
+        if not self.active:
+            return
+        if self._closed:
+            raise ValueError("MetricsWriter is closed")
+        step = int(step)
+        values = {str(k): float(v) for k, v in metrics.items()}
+        bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+        if bad:
+            log.warning("step %d: non-finite metrics %s", step,
+                        ", ".join(f"{k}={v}" for k, v in bad.items()))
+
+        summary = summary_pb2.Summary(value=[
+            summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in values.items()])
+        self._add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+
+        self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self._jsonl.flush()
+
+        if self._bar is not None:
+            self._bar.set_postfix_str(_postfix(values), refresh=False)
+            if step >= self._bar.n:
+                self._bar.update(step - self._bar.n)  # (also feeds tqdm's steps/s estimate)
+            else:
+                self._bar.n = step
+            self._bar.refresh()
+        else:
+            print(format_metrics(step, values), file=sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._bar is not None:
+            self._bar.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._events is not None:
+            self._events.close()
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class StepTimer:
+    """Throughput over the steps between two reporting points.
+
+        timer = StepTimer(tokens_per_step=..., flops_per_step=..., peak_flops_per_s=...)
+        timer.start(step)                # e.g. once the first (compiling) step's results are ready
+        ...
+        metrics.update(timer.measure(step))   # at a reporting point, after fetching the metrics
+
+    `measure` returns `step_time_s`, `tokens_per_s`, `model_flops_per_s` (when `flops_per_step` is
+    given) and `mfu` (when `peak_flops_per_s`, the peak of all devices together, is also given),
+    averaged over the steps since the last `start`/`measure`, and starts the next window. Without
+    a window (no start yet, or no steps since) it returns {} and starts one.
+    """
+
+    def __init__(self, *, tokens_per_step: float, flops_per_step: float | None = None,
+                 peak_flops_per_s: float | None = None,
+                 clock: Callable[[], float] = time.perf_counter):
+        if peak_flops_per_s is not None and peak_flops_per_s <= 0:
+            raise ValueError(f"peak_flops_per_s={peak_flops_per_s} must be positive")
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_step = flops_per_step
+        self.peak_flops_per_s = peak_flops_per_s
+        self._clock = clock
+        self._time: float | None = None
+        self._step = 0
+
+    def start(self, step: int) -> None:
+        self._time, self._step = self._clock(), step
+
+    def measure(self, step: int) -> dict[str, float]:
+        now = self._clock()
+        steps, last = step - self._step, self._time
+        self._time, self._step = now, step
+        if last is None or steps <= 0 or now <= last:
+            return {}
+        seconds = (now - last) / steps
+        out = {"step_time_s": seconds, "tokens_per_s": self.tokens_per_step / seconds}
+        if self.flops_per_step is not None:
+            out["model_flops_per_s"] = self.flops_per_step / seconds
+            if self.peak_flops_per_s is not None:
+                out["mfu"] = out["model_flops_per_s"] / self.peak_flops_per_s
+        return out

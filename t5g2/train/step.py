@@ -1,0 +1,88 @@
+"""The train step: weighted cross-entropy (+ z-loss), gradient accumulation, AdamW, jit with
+explicit shardings and donated state.
+
+Losses and gradients are accumulated as sums over target tokens and divided by the total token
+weight once, so k micro-batches give exactly the gradient of one batch of k times the size.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from t5g2 import sharding
+from t5g2.model import ModelConfig
+from t5g2.train.config import TrainConfig
+from t5g2.train.loss import LossSums, cross_entropy
+from t5g2.train.state import TrainState, model_graphdef
+
+Batch = Mapping[str, jax.Array]
+MODEL_INPUTS = ("encoder_segment_ids", "encoder_positions", "decoder_segment_ids",
+                "decoder_positions")
+
+
+def loss_function(model_cfg: ModelConfig, z_loss: float) -> Callable:
+    """params, batch -> (total loss sum, LossSums): the model applied to one (micro-)batch."""
+    graphdef, _ = model_graphdef(model_cfg)
+
+    def loss_sums(params: nnx.State, batch: Batch):
+        model = nnx.merge(graphdef, params)
+        logits = model(batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+                       **{k: batch[k] for k in MODEL_INPUTS if k in batch})
+        sums = cross_entropy(logits, batch["decoder_target_tokens"],
+                             batch["decoder_loss_weights"], z_loss)
+        return sums.total, sums
+
+    return loss_sums
+
+
+def _microbatches(batch: Batch, steps: int, mesh: Mesh, rules) -> Batch:
+    """[B, ...] -> [steps, B/steps, ...], micro-batch a = rows a, a+steps, ... so every device
+    keeps its own rows (no resharding)."""
+    batch_axes = dict(rules)["batch"]
+
+    def split(x):
+        x = x.reshape(x.shape[0] // steps, steps, *x.shape[1:]).swapaxes(0, 1)
+        spec = PartitionSpec(None, batch_axes, *([None] * (x.ndim - 2)))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+    return {k: split(v) for k, v in batch.items()}
+
+
+def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig,
+                    tx: optax.GradientTransformation, schedule: optax.Schedule, mesh: Mesh,
+                    shardings: TrainState,
+                    rules: Sequence[tuple[str, Any]] = sharding.DEFAULT_RULES):
+    """A jitted (state, batch) -> (state, metrics); the input state's buffers are donated."""
+    grad_fn = jax.grad(loss_function(model_cfg, train_cfg.z_loss), has_aux=True)
+    accum = train_cfg.grad_accum_steps
+
+    def step(state: TrainState, batch: Batch):
+        with sharding.use_mesh(mesh, rules):
+            if accum == 1:
+                grads, sums = grad_fn(state.params, batch)
+            else:
+                def accumulate(carry, micro):
+                    return jax.tree.map(jnp.add, carry, grad_fn(state.params, micro)), None
+
+                zero = (jax.tree.map(jnp.zeros_like, state.params),
+                        LossSums(*(jnp.zeros((), jnp.float32),) * 3))
+                (grads, sums), _ = jax.lax.scan(accumulate, zero,
+                                                _microbatches(batch, accum, mesh, rules))
+            weight = jnp.maximum(sums.weight, 1.0)
+            grads = jax.tree.map(lambda g: g / weight, grads)
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": sums.cross_entropy / weight, "z_loss": sums.z_loss / weight,
+                   "grad_norm": optax.global_norm(grads),
+                   "learning_rate": schedule(state.step), "target_tokens": sums.weight}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh, rules)),
+                   out_shardings=(shardings, replicated), donate_argnums=(0,))
