@@ -27,7 +27,7 @@ def model(encoder, *, vocab_size=262_144, decoder=None):
         vocab_size=vocab_size, tie_embeddings=True, cross_attention="merged",
         final_logit_softcap=ml_collections.FieldReference(None, field_type=float),
         pad_id=0, eos_id=1, bos_id=2, eoi_token_id=256_000, image_token_id=256_001,
-        dtype="bfloat16", param_dtype="float32", remat="none",
+        dtype="bfloat16", param_dtype="float32", remat="none", attention_query_chunk=0,
     ))
 
 
@@ -38,7 +38,7 @@ def train(*, batch_size, encoder_length, decoder_length, steps, learning_rate=1e
         batch_size=batch_size, encoder_length=encoder_length, decoder_length=decoder_length,
         steps=steps, learning_rate=learning_rate, warmup_steps=100, min_learning_rate_ratio=0.1,
         weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, grad_clip_norm=1.0, z_loss=1e-4,
-        grad_accum_steps=grad_accum_steps, log_every=log_every,
+        grad_accum_steps=grad_accum_steps, loss_chunk=0, log_every=log_every,
     ))
 
 
@@ -67,6 +67,8 @@ def config(model_cfg, train_cfg, mesh_cfg, *, name):
 def adaptation_16k(model_cfg, *, name, batch_size=8):
     """16K-token adaptation on one 8-chip host (v5p-8, 8xH100): FSDP over every device."""
     model_cfg.remat = "full"
-    return config(model_cfg, train(batch_size=batch_size, encoder_length=16_384,
-                                   decoder_length=16_384, steps=100_000),
-                  mesh(data=1, fsdp=-1, tensor=1), name=name)
+    model_cfg.attention_query_chunk = 1024
+    train_cfg = train(batch_size=batch_size, encoder_length=16_384, decoder_length=16_384,
+                      steps=100_000)
+    train_cfg.loss_chunk = 1024
+    return config(model_cfg, train_cfg, mesh(data=1, fsdp=-1, tensor=1), name=name)

@@ -181,3 +181,18 @@ def test_image_features_fill_placeholders_in_row_major_order():
     np.testing.assert_array_equal(out[0, [0, 3]], np.asarray(x)[0, [0, 3]])
     with pytest.raises(ValueError, match="3 image placeholder tokens for 4"):
         insert_image_features(x, tokens[:1], features, img)
+
+
+@pytest.mark.parametrize("cross_attention", ["merged", "separate"])
+def test_chunked_attention_gives_the_same_numbers(cross_attention):
+    """Query chunks (with a ragged last chunk) change memory, not logits or gradients."""
+    cfg = tiny_config(cross_attention=cross_attention, **SMALL)
+    batch = _batch(cfg, enc_len=13, dec_len=11)
+    results = []
+    for chunk in (0, 4):
+        model = T5Gemma2(dataclasses.replace(cfg, attention_query_chunk=chunk), rngs=nnx.Rngs(0))
+        loss, grads = nnx.jit(nnx.value_and_grad(_loss))(model, *batch)
+        results.append((float(loss), jax.tree.leaves(nnx.to_pure_dict(grads))))
+    assert results[0][0] == pytest.approx(results[1][0], abs=1e-6)
+    for a, b in zip(results[0][1], results[1][1]):
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max() + 1e-7

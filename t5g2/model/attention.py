@@ -61,16 +61,48 @@ def decoder_window(window: int) -> tuple[int, int]:
 KVPart = tuple[jax.Array, jax.Array, MaskSpec]
 
 
-def dot_product_attention(q: jax.Array, parts: Sequence[KVPart], scale: float) -> jax.Array:
+def dot_product_attention(q: jax.Array, parts: Sequence[KVPart], scale: float,
+                          query_chunk: int = 0) -> jax.Array:
     """Grouped-query attention of q [B,T,N,H] over the concatenation of key/value parts.
 
     Each part is (k [B,S,K,H], v [B,S,K,H], MaskSpec); one float32 softmax spans all parts.
     A query row with no visible key gets a uniform average (finite, never NaN); such rows exist
     only at padding, whose outputs nothing reads.
+
+    query_chunk > 0 processes the queries in chunks of that many, each rematerialised in the
+    backward pass, so the scores held at once are [B, heads, chunk, keys] instead of
+    [B, heads, T, keys]: what makes 16K-token sequences fit. The numbers are the same.
     """
     k = jnp.concatenate([p[0] for p in parts], axis=1)
     v = jnp.concatenate([p[1] for p in parts], axis=1)
-    mask = jnp.concatenate([p[2].dense() for p in parts], axis=-1)
+    masks = [p[2] for p in parts]
+    t = q.shape[1]
+    if not query_chunk or t <= query_chunk:
+        return _attend(q, k, v, masks, scale)
+
+    chunks = -(-t // query_chunk)
+    pad = chunks * query_chunk - t
+
+    def to_chunks(x):  # [B, T, ...] -> [chunks, B, chunk, ...]; padded queries are segment 0
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return x.reshape(x.shape[0], chunks, query_chunk, *x.shape[2:]).swapaxes(0, 1)
+
+    q_fields = [(to_chunks(m.q_positions), to_chunks(m.q_segments)) for m in masks]
+
+    @jax.checkpoint
+    def attend_chunk(args):
+        q_chunk, fields = args
+        chunk_masks = [m.replace(q_positions=pos, q_segments=seg)
+                       for m, (pos, seg) in zip(masks, fields)]
+        return _attend(q_chunk, k, v, chunk_masks, scale)
+
+    out = jax.lax.map(attend_chunk, (to_chunks(q), q_fields))
+    out = out.swapaxes(0, 1).reshape(q.shape[0], chunks * query_chunk, *q.shape[2:])
+    return out[:, :t]
+
+
+def _attend(q, k, v, masks: Sequence[MaskSpec], scale: float) -> jax.Array:
+    mask = jnp.concatenate([m.dense() for m in masks], axis=-1)
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)
@@ -91,10 +123,11 @@ class Attention(nnx.Module):
     """
 
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 scale: float, eps: float, *, kv_dim: int | None = None, param_dtype,
-                 rngs: nnx.Rngs):
+                 scale: float, eps: float, *, kv_dim: int | None = None, query_chunk: int = 0,
+                 param_dtype, rngs: nnx.Rngs):
         kv_dim = d_model if kv_dim is None else kv_dim
         self.scale = scale
+        self.query_chunk = query_chunk
         self.q = param(rngs, default_init, (d_model, num_heads, head_dim),
                        ("embed", "heads", "head_dim"), param_dtype)
         self.k = param(rngs, default_init, (kv_dim, num_kv_heads, head_dim),
@@ -122,7 +155,8 @@ class Attention(nnx.Module):
         """Encoder (bidirectional) or decoder (causal) self-attention."""
         q = self.queries(x, rope)
         k, v = self.keys_values(x, rope)
-        return self.output(dot_product_attention(q, [(k, v, mask)], self.scale))
+        return self.output(dot_product_attention(q, [(k, v, mask)], self.scale,
+                                                 self.query_chunk))
 
     def merged_attention(self, x, rope, self_mask: MaskSpec, encoded: jax.Array,
                          cross_mask: MaskSpec) -> jax.Array:
@@ -131,10 +165,11 @@ class Attention(nnx.Module):
         k_self, v_self = self.keys_values(x, rope)
         k_cross, v_cross = self.keys_values(encoded, None)
         parts = [(k_self, v_self, self_mask), (k_cross, v_cross, cross_mask)]
-        return self.output(dot_product_attention(q, parts, self.scale))
+        return self.output(dot_product_attention(q, parts, self.scale, self.query_chunk))
 
     def cross_attention(self, x, encoded: jax.Array, cross_mask: MaskSpec) -> jax.Array:
         """Classic cross-attention over encoder outputs, no RoPE on either side."""
         q = self.queries(x, None)
         k, v = self.keys_values(encoded, None)
-        return self.output(dot_product_attention(q, [(k, v, cross_mask)], self.scale))
+        return self.output(dot_product_attention(q, [(k, v, cross_mask)], self.scale,
+                                                 self.query_chunk))

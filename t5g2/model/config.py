@@ -74,6 +74,9 @@ class ModelConfig:
     dtype: str = "bfloat16"  # compute dtype; softmax, norms and loss stay float32
     param_dtype: str = "float32"
     remat: str = "none"
+    # Attention over query chunks of this many tokens (0: all at once); same numbers, memory
+    # [chunk x keys] instead of [queries x keys] per head: needed at 16K tokens.
+    attention_query_chunk: int = 0
 
     @property
     def decoder_has_cross(self) -> tuple[bool, ...]:
@@ -131,6 +134,9 @@ class ModelConfig:
             raise ConfigError(
                 f"{prefix}.remat={self.remat!r} is unknown; valid: {', '.join(REMAT_POLICIES)}"
             )
+        if self.attention_query_chunk < 0:
+            raise ConfigError(f"{prefix}.attention_query_chunk={self.attention_query_chunk} must "
+                              "be >= 0 (0: no chunking)")
         if self.final_logit_softcap is not None and not self.final_logit_softcap > 0:
             raise ConfigError(
                 f"{prefix}.final_logit_softcap={self.final_logit_softcap} must be > 0 or None"

@@ -59,14 +59,15 @@ class StackInputs:
 class Block(nnx.Module):
     """Gemma 3 sandwich block: x + post_norm(attn(pre_norm(x))), then the same around the MLP."""
 
-    def __init__(self, cfg: StackConfig, is_global: bool, *, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: StackConfig, is_global: bool, *, query_chunk: int, param_dtype,
+                 rngs: nnx.Rngs):
         self.is_global = is_global
         norm = functools.partial(RMSNorm, cfg.d_model, cfg.rms_norm_eps, "embed",
                                  param_dtype=param_dtype, rngs=rngs)
         self.pre_attn_norm, self.post_attn_norm = norm(), norm()
         self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                              cfg.attention_scale, cfg.rms_norm_eps, param_dtype=param_dtype,
-                              rngs=rngs)
+                              cfg.attention_scale, cfg.rms_norm_eps, query_chunk=query_chunk,
+                              param_dtype=param_dtype, rngs=rngs)
         self.pre_mlp_norm, self.post_mlp_norm = norm(), norm()
         self.mlp = MLP(cfg.d_model, cfg.ffn_dim, param_dtype=param_dtype, rngs=rngs)
 
@@ -87,8 +88,9 @@ class DecoderLayer(Block):
     """Merged self+cross attention (or causal self-attention and a separate cross block)."""
 
     def __init__(self, cfg: StackConfig, is_global: bool, *, merged: bool, has_cross: bool,
-                 encoder_dim: int, param_dtype, rngs: nnx.Rngs):
-        super().__init__(cfg, is_global, param_dtype=param_dtype, rngs=rngs)
+                 encoder_dim: int, query_chunk: int, param_dtype, rngs: nnx.Rngs):
+        super().__init__(cfg, is_global, query_chunk=query_chunk, param_dtype=param_dtype,
+                         rngs=rngs)
         self.merged = merged
         self.has_cross = has_cross
         if has_cross:
@@ -97,7 +99,8 @@ class DecoderLayer(Block):
             self.pre_cross_norm, self.post_cross_norm = norm(), norm()
             self.cross_attn = Attention(cfg.d_model, cfg.num_heads, cfg.num_kv_heads,
                                         cfg.head_dim, cfg.attention_scale, cfg.rms_norm_eps,
-                                        kv_dim=encoder_dim, param_dtype=param_dtype, rngs=rngs)
+                                        kv_dim=encoder_dim, query_chunk=query_chunk,
+                                        param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, y: jax.Array, ctx: StackInputs) -> jax.Array:
         rope, mask = ctx.for_layer(self.is_global)
@@ -198,11 +201,13 @@ def insert_image_features(x: jax.Array, tokens: jax.Array, features: jax.Array,
 class Encoder(nnx.Module):
     """Bidirectional Gemma 3 stack over (text and, later, image) embeddings."""
 
-    def __init__(self, cfg: StackConfig, *, remat: str, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: StackConfig, *, remat: str, query_chunk: int, param_dtype,
+                 rngs: nnx.Rngs):
         self.cfg = cfg
 
         def make_layer(i, r):
-            return EncoderLayer(cfg, cfg.is_global(i), param_dtype=param_dtype, rngs=r)
+            return EncoderLayer(cfg, cfg.is_global(i), query_chunk=query_chunk,
+                                param_dtype=param_dtype, rngs=r)
 
         self.layers = LayerStack(cfg.num_layers, cfg.sliding_window_pattern, make_layer,
                                  remat=remat, rngs=rngs)
@@ -225,7 +230,8 @@ class Decoder(nnx.Module):
         def make_layer(i, r):
             return DecoderLayer(dec, dec.is_global(i), merged=cfg.cross_attention == "merged",
                                 has_cross=has_cross[i], encoder_dim=cfg.encoder.d_model,
-                                param_dtype=param_dtype, rngs=r)
+                                query_chunk=cfg.attention_query_chunk, param_dtype=param_dtype,
+                                rngs=r)
 
         self.layers = LayerStack(dec.num_layers, dec.sliding_window_pattern, make_layer,
                                  remat=cfg.remat, rngs=rngs)
@@ -254,7 +260,8 @@ class T5Gemma2(nnx.Module):
                                           param_dtype=pdt, rngs=rngs)
             self.lm_head = param(rngs, default_init, (cfg.vocab_size, cfg.decoder.d_model),
                                  ("vocab", "embed"), pdt)
-        self.encoder = Encoder(cfg.encoder, remat=cfg.remat, param_dtype=pdt, rngs=rngs)
+        self.encoder = Encoder(cfg.encoder, remat=cfg.remat,
+                               query_chunk=cfg.attention_query_chunk, param_dtype=pdt, rngs=rngs)
         self.decoder = Decoder(cfg, param_dtype=pdt, rngs=rngs)
 
     @property
@@ -293,13 +300,16 @@ class T5Gemma2(nnx.Module):
             logits = cap * jnp.tanh(logits / cap)
         return constrain(logits, ("batch", "length", "act_vocab"))
 
-    def __call__(self, encoder_input_tokens, decoder_input_tokens, *, encoder_segment_ids=None,
-                 encoder_positions=None, decoder_segment_ids=None,
-                 decoder_positions=None) -> jax.Array:
-        """Logits [B,T,V] for the decoder inputs given the encoder inputs."""
+    def hidden_states(self, encoder_input_tokens, decoder_input_tokens, *,
+                      encoder_segment_ids=None, encoder_positions=None,
+                      decoder_segment_ids=None, decoder_positions=None) -> jax.Array:
+        """Decoder final hidden states [B,T,D] for the decoder inputs given the encoder inputs."""
         encoder_segment_ids, encoder_positions = _default_ids(
             encoder_input_tokens, encoder_segment_ids, encoder_positions)
         encoded = self.encode(encoder_input_tokens, encoder_segment_ids, encoder_positions)
-        hidden = self.decode(decoder_input_tokens, encoded, encoder_segment_ids,
-                             encoder_positions, decoder_segment_ids, decoder_positions)
-        return self.logits(hidden)
+        return self.decode(decoder_input_tokens, encoded, encoder_segment_ids, encoder_positions,
+                           decoder_segment_ids, decoder_positions)
+
+    def __call__(self, encoder_input_tokens, decoder_input_tokens, **ids) -> jax.Array:
+        """Logits [B,T,V]; `ids`: encoder/decoder segment ids and positions (see hidden_states)."""
+        return self.logits(self.hidden_states(encoder_input_tokens, decoder_input_tokens, **ids))

@@ -24,6 +24,9 @@ class TrainConfig:
     grad_clip_norm: float = 1.0  # global-norm clipping; 0 disables
     z_loss: float = 0.0  # z_loss * log(Z)^2 per target token
     grad_accum_steps: int = 1
+    # Cross-entropy over chunks of this many decoder positions (0: all at once); same numbers,
+    # logits memory [B, chunk, vocab] instead of [B, T, vocab].
+    loss_chunk: int = 0
     log_every: int = 10
 
     @classmethod
@@ -50,6 +53,6 @@ class TrainConfig:
         if not 0 <= self.min_learning_rate_ratio <= 1:
             raise ConfigError(f"{prefix}.min_learning_rate_ratio={self.min_learning_rate_ratio} "
                               "must be in [0, 1]")
-        for name in ("weight_decay", "grad_clip_norm", "z_loss"):
+        for name in ("weight_decay", "grad_clip_norm", "z_loss", "loss_chunk"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{prefix}.{name}={getattr(self, name)} must be >= 0")

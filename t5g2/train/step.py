@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from t5g2 import sharding
 from t5g2.model import ModelConfig
 from t5g2.train.config import TrainConfig
-from t5g2.train.loss import LossSums, cross_entropy
+from t5g2.train.loss import LossSums, chunked_cross_entropy
 from t5g2.train.state import TrainState, model_graphdef
 
 Batch = Mapping[str, jax.Array]
@@ -26,16 +26,16 @@ MODEL_INPUTS = ("encoder_segment_ids", "encoder_positions", "decoder_segment_ids
                 "decoder_positions")
 
 
-def loss_function(model_cfg: ModelConfig, z_loss: float) -> Callable:
+def loss_function(model_cfg: ModelConfig, z_loss: float, loss_chunk: int = 0) -> Callable:
     """params, batch -> (total loss sum, LossSums): the model applied to one (micro-)batch."""
     graphdef, _ = model_graphdef(model_cfg)
 
     def loss_sums(params: nnx.State, batch: Batch):
         model = nnx.merge(graphdef, params)
-        logits = model(batch["encoder_input_tokens"], batch["decoder_input_tokens"],
-                       **{k: batch[k] for k in MODEL_INPUTS if k in batch})
-        sums = cross_entropy(logits, batch["decoder_target_tokens"],
-                             batch["decoder_loss_weights"], z_loss)
+        hidden = model.hidden_states(batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+                                     **{k: batch[k] for k in MODEL_INPUTS if k in batch})
+        sums = chunked_cross_entropy(model.logits, hidden, batch["decoder_target_tokens"],
+                                     batch["decoder_loss_weights"], z_loss, loss_chunk)
         return sums.total, sums
 
     return loss_sums
@@ -59,7 +59,8 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig,
                     shardings: TrainState,
                     rules: Sequence[tuple[str, Any]] = sharding.DEFAULT_RULES):
     """A jitted (state, batch) -> (state, metrics); the input state's buffers are donated."""
-    grad_fn = jax.grad(loss_function(model_cfg, train_cfg.z_loss), has_aux=True)
+    grad_fn = jax.grad(loss_function(model_cfg, train_cfg.z_loss, train_cfg.loss_chunk),
+                       has_aux=True)
     accum = train_cfg.grad_accum_steps
 
     def step(state: TrainState, batch: Batch):
