@@ -297,7 +297,15 @@ def hf_model(cfg: ModelConfig, flat: dict[str, np.ndarray], attn_implementation:
     hf_cfg._attn_implementation = attn_implementation
     torch.manual_seed(0)
     model = T5Gemma2ForConditionalGeneration(hf_cfg).float()
-    state = {k: torch.from_numpy(np.array(v, np.float32))
+    in_memory = set(model.state_dict())
+
+    def module_key(key):  # on-disk names -> the module's (model.encoder.text_model....)
+        for alias, name in hf_t5gemma2._IN_MEMORY_ALIASES:
+            if key.startswith(name) and alias + key[len(name):] in in_memory:
+                return alias + key[len(name):]
+        return key
+
+    state = {module_key(k): torch.from_numpy(np.array(v, np.float32))
              for k, v in hf_t5gemma2.to_hf_state_dict(flat, cfg).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(hf_t5gemma2._TIED_COPIES) if cfg.tie_embeddings else set()

@@ -90,6 +90,12 @@ def compile_report(config) -> dict:
     params = _per_device_bytes(abstract.params, shardings.params)
     opt = _per_device_bytes(abstract.opt_state, shardings.opt_state)
     temp = memory.temp_size_in_bytes
+    per_device = {
+        "parameters": params, "optimizer_state": opt, "temporaries": temp,
+        "arguments": memory.argument_size_in_bytes, "outputs_aliased": memory.alias_size_in_bytes,
+        "total": (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                  - memory.alias_size_in_bytes + temp),
+    }
     return {
         "config": config.name, "parameters": count_params(model_cfg),
         "mesh": dict(mesh.shape), "devices": mesh.size,
@@ -97,14 +103,8 @@ def compile_report(config) -> dict:
         "decoder_length": train_cfg.decoder_length,
         "grad_accum_steps": train_cfg.grad_accum_steps, "remat": model_cfg.remat,
         "compute_dtype": model_cfg.dtype, "compile_s": round(compile_s, 1),
-        "per_device_gib": {
-            "parameters": round(params / GIB, 3), "optimizer_state": round(opt / GIB, 3),
-            "temporaries": round(temp / GIB, 3),
-            "arguments": round(memory.argument_size_in_bytes / GIB, 3),
-            "outputs_aliased": round(memory.alias_size_in_bytes / GIB, 3),
-            "total": round((memory.argument_size_in_bytes + memory.output_size_in_bytes
-                            - memory.alias_size_in_bytes + temp) / GIB, 3),
-        },
+        "per_device_bytes": per_device,
+        "per_device_gib": {k: round(v / GIB, 3) for k, v in per_device.items()},
     }
 
 
