@@ -14,10 +14,8 @@ from t5g2.model import ConfigError, ModelConfig, T5Gemma2
 from t5g2.model.params import flat_params, load_params, logical_axes
 from t5g2.model.transformer import insert_image_features
 from t5g2.train.loss import cross_entropy
-from tests.reference import tiny_config
+from tests.reference import SMALL_STACK, tiny_config
 
-# 7 layers: one scanned period (5 local + 1 global) and a one-layer unscanned tail.
-SMALL = dict(num_layers=7)
 
 
 def _batch(cfg, seed=0, batch=2, enc_len=12, dec_len=10):
@@ -41,7 +39,7 @@ def _loss(model, enc, dec, targets, weights):
 @pytest.mark.parametrize("cross_attention", ["merged", "separate", "global_only"])
 @pytest.mark.parametrize("tie", [True, False])
 def test_every_ablation_runs_forward_and_backward(cross_attention, tie):
-    cfg = tiny_config(cross_attention=cross_attention, tie_embeddings=tie, **SMALL)
+    cfg = tiny_config(cross_attention=cross_attention, tie_embeddings=tie, **SMALL_STACK)
     model = T5Gemma2(cfg, rngs=nnx.Rngs(0))
     loss, grads = nnx.jit(nnx.value_and_grad(_loss))(model, *_batch(cfg))
     assert np.isfinite(float(loss))
@@ -55,7 +53,7 @@ def test_every_ablation_runs_forward_and_backward(cross_attention, tie):
 
 @pytest.mark.parametrize("remat", ["full", "save_dots"])
 def test_remat_changes_memory_not_numbers(remat):
-    cfg = tiny_config(**SMALL)
+    cfg = tiny_config(**SMALL_STACK)
     batch = _batch(cfg)
     results = []
     for policy in ("none", remat):
@@ -70,7 +68,7 @@ def test_remat_changes_memory_not_numbers(remat):
 @pytest.mark.parametrize("cross_attention", ["merged", "separate"])
 def test_packed_examples_do_not_see_each_other(cross_attention):
     """Two examples packed in one row (segment ids, restarting positions) get their own logits."""
-    cfg = tiny_config(cross_attention=cross_attention, **SMALL)
+    cfg = tiny_config(cross_attention=cross_attention, **SMALL_STACK)
     model = T5Gemma2(cfg, rngs=nnx.Rngs(1))
     rng = np.random.default_rng(5)
     lens = [(11, 9), (7, 6)]  # (encoder, decoder) lengths; both longer than the window 8 at least once
@@ -101,7 +99,7 @@ def test_packed_examples_do_not_see_each_other(cross_attention):
 
 
 def test_unbalanced_stacks_with_separate_cross_attention():
-    base = tiny_config(cross_attention="separate", tie_embeddings=False, **SMALL)
+    base = tiny_config(cross_attention="separate", tie_embeddings=False, **SMALL_STACK)
     cfg = dataclasses.replace(base, encoder=dataclasses.replace(base.encoder, d_model=48))
     cfg.validate()
     model = T5Gemma2(cfg, rngs=nnx.Rngs(0))
@@ -120,7 +118,7 @@ def test_every_parameter_has_logical_axes():
 
 
 def test_load_params_rejects_wrong_keys_and_shapes():
-    model = T5Gemma2(tiny_config(**SMALL), rngs=nnx.Rngs(0))
+    model = T5Gemma2(tiny_config(**SMALL_STACK), rngs=nnx.Rngs(0))
     flat = flat_params(model)
     with pytest.raises(ValueError, match="missing"):
         load_params(model, {k: v for k, v in flat.items() if k != "embed/eoi"})
@@ -168,7 +166,7 @@ def test_unknown_field_is_named():
 
 
 def test_image_features_fill_placeholders_in_row_major_order():
-    cfg = tiny_config(**SMALL)
+    cfg = tiny_config(**SMALL_STACK)
     model = T5Gemma2(cfg, rngs=nnx.Rngs(0))
     img = cfg.image_token_id
     tokens = np.array([[5, img, img, 6, img], [img, 7, 8, 9, 10]])
@@ -186,7 +184,7 @@ def test_image_features_fill_placeholders_in_row_major_order():
 @pytest.mark.parametrize("cross_attention", ["merged", "separate"])
 def test_chunked_attention_gives_the_same_numbers(cross_attention):
     """Query chunks (with a ragged last chunk) change memory, not logits or gradients."""
-    cfg = tiny_config(cross_attention=cross_attention, **SMALL)
+    cfg = tiny_config(cross_attention=cross_attention, **SMALL_STACK)
     batch = _batch(cfg, enc_len=13, dec_len=11)
     results = []
     for chunk in (0, 4):

@@ -14,11 +14,11 @@ from t5g2.train.config import TrainConfig
 from t5g2.train.optimizer import make_optimizer
 from t5g2.train.state import init_train_state, state_shardings
 from t5g2.train.step import loss_function, make_train_step
-from tests.reference import tiny_config
+from tests.reference import SMALL_STACK, tiny_config
 
 MESHES = [dict(data=1, fsdp=1, tensor=1), dict(data=8, fsdp=1, tensor=1),
           dict(data=1, fsdp=8, tensor=1), dict(data=2, fsdp=2, tensor=2)]
-CFG = tiny_config(num_layers=7, num_kv_heads=2)
+CFG = tiny_config(num_kv_heads=2, **SMALL_STACK)
 TRAIN = TrainConfig(batch_size=16, encoder_length=16, decoder_length=8, steps=10,
                     learning_rate=1e-3, warmup_steps=1)
 
@@ -92,7 +92,7 @@ def test_parameters_are_placed_by_the_rules():
     assert spec("encoder", "layers", "periods", "layers", 0, "attn", "q") == \
         P(None, "fsdp", "tensor", None)
     assert spec("decoder", "layers", "tail", 0, "attn", "o") == P("tensor", None, "fsdp")
-    assert spec("decoder", "layers", "periods", "layers", 5, "mlp", "down") == \
+    assert spec("decoder", "layers", "periods", "layers", 1, "mlp", "down") == \
         P(None, "tensor", "fsdp")
     assert spec("encoder", "final_norm", "scale") == P("fsdp")
     table = params[("embed", "table")][...]
@@ -103,7 +103,7 @@ def test_parameters_are_placed_by_the_rules():
 
 
 def test_kv_heads_fewer_than_tensor_axis_are_replicated():
-    cfg = tiny_config(num_layers=7, num_kv_heads=1)
+    cfg = tiny_config(num_kv_heads=1, **SMALL_STACK)
     mesh = _mesh(dict(data=2, fsdp=2, tensor=2))
     tx, _ = make_optimizer(TRAIN)
     shardings = state_shardings(cfg, tx, mesh)

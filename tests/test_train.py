@@ -5,6 +5,7 @@ import json
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from configs import tiny
@@ -14,14 +15,14 @@ from t5g2.train.config import TrainConfig
 from t5g2.train.optimizer import make_optimizer
 from t5g2.train.state import init_train_state, state_shardings
 from t5g2.train.step import loss_function, make_train_step
-from tests.reference import tiny_config
+from tests.reference import SMALL_STACK, tiny_config
 
-CFG = tiny_config(num_layers=7)
+CFG = tiny_config(**SMALL_STACK)
 
 
-def _setup(train_cfg, mesh_shape=dict(data=1, fsdp=1, tensor=1)):
+def _setup(train_cfg, mesh_shape=dict(data=1, fsdp=1, tensor=1), optimizer=None):
     mesh = sharding.make_mesh(mesh_shape, jax.devices()[:int(np.prod(list(mesh_shape.values())))])
-    tx, schedule = make_optimizer(train_cfg)
+    tx, schedule = optimizer or make_optimizer(train_cfg)
     state = init_train_state(CFG, tx, mesh, seed=0)
     step = make_train_step(CFG, train_cfg, tx, schedule, mesh, state_shardings(CFG, tx, mesh))
     return mesh, state, step
@@ -55,15 +56,18 @@ def test_gradient_accumulation_equals_the_full_batch():
     results = []
     for accum in (1, 4):
         train_cfg = dataclasses.replace(base, grad_accum_steps=accum)
-        mesh, state, step = _setup(train_cfg, dict(data=2, fsdp=1, tensor=1))
+        # SGD: the update is linear in the gradient, so parameters compare to float32 precision
+        # (Adam would turn last-bit gradient differences near zero into different step sizes).
+        sgd = (optax.sgd(0.1), optax.constant_schedule(0.1))
+        mesh, state, step = _setup(train_cfg, dict(data=2, fsdp=1, tensor=1), sgd)
         state, metrics = step(state, sharding.global_batch_from_host(batch, mesh))
         results.append((jax.device_get(metrics), [np.asarray(x) for x in
                                                   jax.tree.leaves(state.params)]))
     (m1, p1), (m4, p4) = results
-    for key in ("loss", "z_loss", "grad_norm", "target_tokens"):
+    for key in ("loss", "grad_norm", "target_tokens"):
         assert m1[key] == pytest.approx(m4[key], rel=1e-5), key
-    for a, b in zip(p1, p4):  # one AdamW step of 1e-3: agreement to 1% of the step
-        np.testing.assert_allclose(a, b, atol=1e-5)
+    for a, b in zip(p1, p4):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5)  # steps of up to ~2
 
 
 def test_launch_train_runs_from_a_config(tmp_path):
