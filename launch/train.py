@@ -1,11 +1,12 @@
 """Train a T5Gemma 2 from a config file, on one host or as one process of a multi-host job.
 
     python -m launch.train --config configs/tiny.py --workdir /tmp/t5g2_tiny
-    python -m launch.train --config configs/t5g2_270m.py --config.mesh.fsdp=8 --workdir gs://...
+    python -m launch.train --config configs/t5g2_270m.py --config.mesh.fsdp=8 --workdir /mnt/runs/a
 
 Multi-host: every process runs this same command; `jax.distributed` is initialised from the
-environment (TPU VM metadata, Slurm variables, or T5G2_COORDINATOR_ADDRESS / T5G2_NUM_PROCESSES /
-T5G2_PROCESS_ID), see launch/README.md.
+environment (T5G2_CLUSTER, TPU VM metadata, Slurm variables, or T5G2_COORDINATOR_ADDRESS /
+T5G2_NUM_PROCESSES / T5G2_PROCESS_ID), see launch/README.md. The workdir is a local or mounted
+path (object-store URLs are not supported yet).
 """
 
 from __future__ import annotations

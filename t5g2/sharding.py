@@ -80,7 +80,10 @@ def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None 
     ici_shape = tuple(ici[a] for a in MESH_AXES)
     dcn_shape = tuple(dcn[a] for a in MESH_AXES)
     if math.prod(dcn_shape) > 1:
-        by_process = not hasattr(devices[0], "slice_index")  # GPU hosts: a host is a granule
+        # TPU slices are the DCN granules; elsewhere (GPU hosts, CPU processes, whose devices
+        # all report slice 0) each process is one.
+        slices = {getattr(d, "slice_index", 0) for d in devices}
+        by_process = len(slices) == 1
         array = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices,
                                                      process_is_granule=by_process)
     else:

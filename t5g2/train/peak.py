@@ -19,7 +19,7 @@ PUBLISHED_PEAKS = {
 def measure_matmul_peak(size: int = 1024, dtype=jnp.float32, repeats: int = 10,
                         device: jax.Device | None = None) -> float:
     """FLOP/s of the best of `repeats` square matmuls on one device (after a warm-up)."""
-    device = device or jax.devices()[0]
+    device = device or jax.local_devices()[0]
     a = jax.device_put(jnp.ones((size, size), dtype), device)
     matmul = jax.jit(lambda x: x @ x)
     matmul(a).block_until_ready()
@@ -35,7 +35,7 @@ def peak_flops_per_device(configured: float | None = None) -> tuple[float, str]:
     """(peak FLOP/s, where it came from)."""
     if configured:
         return float(configured), "config"
-    kind = jax.devices()[0].device_kind
+    kind = jax.local_devices()[0].device_kind
     for name, peak in PUBLISHED_PEAKS.items():
         if kind.startswith(name):
             return peak, f"published bf16 peak of {kind}"

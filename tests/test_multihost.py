@@ -1,0 +1,221 @@
+"""Multi-host start-up: cluster detection from the environment, and a real 2-process run.
+
+The 2-process run starts two `python -m launch.train` processes on localhost (4 CPU devices each,
+gloo collectives, the explicit T5G2_* variables) and one single-process reference on 8 CPU
+devices with the same flags; the per-step losses must agree, and only process 0 reports.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+
+from t5g2 import distributed
+
+REPO = Path(__file__).resolve().parent.parent
+TIMEOUT_S = 240
+TRAIN_FLAGS = (
+    "--config", "configs/tiny.py",
+    "--config.train.steps=3", "--config.train.log_every=1",
+    "--config.model.encoder.num_layers=2", "--config.model.decoder.num_layers=2",  # compiles fast
+    "--config.data.distinct_batches=0",  # a new batch every step: every step checks the rows
+    "--config.peak_flops_per_device=1e9",  # no matmul measurement at start
+)
+# Variables that would make a subprocess believe it is part of some other cluster.
+_CLUSTER_PREFIXES = ("T5G2_", "SLURM_", "TPU_", "MEGASCALE_", "OMPI_", "PMI_", "JAX_",
+                     "KUBERNETES_")
+
+
+# ------------------------------------------------------------------------------ cluster_kind
+
+@pytest.mark.parametrize("env, kind", [
+    ({}, "single"),
+    ({"T5G2_COORDINATOR_ADDRESS": "10.0.0.1:1234", "T5G2_NUM_PROCESSES": "2",
+      "T5G2_PROCESS_ID": "0"}, "explicit"),
+    # explicit wins over an enclosing Slurm or TPU environment
+    ({"T5G2_COORDINATOR_ADDRESS": "h:1", "SLURM_JOB_ID": "7", "SLURM_NTASKS": "4",
+      "TPU_WORKER_HOSTNAMES": "a,b"}, "explicit"),
+    ({"T5G2_COORDINATOR_ADDRESS": ""}, "single"),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2"}, "slurm"),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, "single"),  # a one-task Slurm job
+    ({"SLURM_JOB_ID": "7"}, "single"),
+    ({"SLURM_NTASKS": "2"}, "single"),  # not in a job
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "TPU_WORKER_HOSTNAMES": "a,b"}, "slurm"),
+    ({"TPU_WORKER_HOSTNAMES": "t1v-w-0,t1v-w-1"}, "tpu"),
+    ({"TPU_WORKER_HOSTNAMES": "t1v-w-0"}, "single"),  # a single-host slice
+    ({"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.2"}, "tpu"),  # multi-slice, one host per slice
+    ({"TPU_WORKER_HOSTNAMES": "t1v-w-0", "MEGASCALE_COORDINATOR_ADDRESS": "x"}, "tpu"),
+    ({"T5G2_CLUSTER": "tpu"}, "tpu"),  # Cloud TPU VM pod slice: topology in the VM metadata
+    ({"T5G2_CLUSTER": "single", "SLURM_JOB_ID": "7", "SLURM_NTASKS": "8"}, "single"),
+    ({"T5G2_CLUSTER": "auto", "SLURM_JOB_ID": "7", "SLURM_NTASKS": "8"}, "slurm"),
+    ({"T5G2_CLUSTER": " Slurm "}, "slurm"),
+])
+def test_cluster_kind(env, kind):
+    assert distributed.cluster_kind(env) == kind
+
+
+def test_cluster_kind_rejects_an_unknown_override():
+    with pytest.raises(ValueError, match="T5G2_CLUSTER='gke'.*auto, explicit, slurm, tpu, single"):
+        distributed.cluster_kind({"T5G2_CLUSTER": "gke"})
+
+
+@pytest.mark.parametrize("nodelist, host", [
+    ("node001", "node001"), ("node001,host2", "node001"), ("node[001-015],host2", "node001"),
+    ("node[001,007-015]", "node001"), ("gpu-a[3-4]", "gpu-a3"), ("a100-[07,09]", "a100-07"),
+])
+def test_slurm_first_host(nodelist, host):
+    assert distributed.slurm_first_host(nodelist) == host
+
+
+class _FakeJax:
+    """Stands in for `jax` inside t5g2.distributed: records initialize() and config updates."""
+
+    def __init__(self, platforms=None):
+        self.calls, self.updates = [], []
+        self.config = types.SimpleNamespace(
+            jax_platforms=platforms, update=lambda k, v: self.updates.append((k, v)))
+        self.distributed = types.SimpleNamespace(initialize=lambda **kw: self.calls.append(kw))
+        self.process_index = self.process_count = lambda: 0
+        self.local_device_count = self.device_count = lambda: 1
+
+
+_SLURM_STEP = {"SLURM_JOB_ID": "4097", "SLURM_PROCID": "1", "SLURM_LOCALID": "0",
+               "SLURM_STEP_NODELIST": "gpu[03-04]"}
+
+
+@pytest.mark.parametrize("env, platforms, expected", [
+    ({}, "cpu", None),
+    ({"T5G2_COORDINATOR_ADDRESS": "127.0.0.1:5000", "T5G2_NUM_PROCESSES": "2",
+      "T5G2_PROCESS_ID": "1"}, "cpu",
+     dict(coordinator_address="127.0.0.1:5000", num_processes=2, process_id=1,
+          cluster_detection_method="deactivate")),
+    # one task per node: all local devices, JAX's coordinator and port (job id % 4096 + 61440)
+    ({**_SLURM_STEP, "SLURM_NTASKS": "2", "SLURM_STEP_NUM_NODES": "2"}, None,
+     dict(coordinator_address="gpu03:61441", num_processes=2, process_id=1,
+          cluster_detection_method="deactivate")),
+    ({**_SLURM_STEP, "SLURM_NTASKS": "2", "SLURM_NNODES": "2", "JAX_COORDINATOR_PORT": "777"},
+     None, dict(coordinator_address="gpu03:777", num_processes=2, process_id=1,
+                cluster_detection_method="deactivate")),
+    # one task per GPU: JAX's own detection
+    ({**_SLURM_STEP, "SLURM_NTASKS": "16", "SLURM_STEP_NUM_NODES": "2"}, None, {}),
+    ({"TPU_WORKER_HOSTNAMES": "a,b", "TPU_WORKER_ID": "0"}, "tpu,cpu", {}),
+    ({"T5G2_CLUSTER": "tpu"}, "tpu,cpu", {}),
+])
+def test_initialize_arguments(monkeypatch, env, platforms, expected):
+    fake = _FakeJax(platforms)
+    monkeypatch.setattr(distributed, "jax", fake)
+    distributed.initialize(env)
+    assert fake.calls == ([] if expected is None else [expected])
+    gloo = [("jax_cpu_collectives_implementation", "gloo")]
+    assert fake.updates == (gloo if expected is not None and platforms in (None, "cpu") else [])
+
+
+@pytest.mark.parametrize("env, match", [
+    ({"T5G2_COORDINATOR_ADDRESS": "h:1", "T5G2_NUM_PROCESSES": "2"}, "T5G2_PROCESS_ID"),
+    ({"T5G2_CLUSTER": "explicit"}, "T5G2_COORDINATOR_ADDRESS, T5G2_NUM_PROCESSES"),
+    ({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "2", "SLURM_NNODES": "2"}, "srun"),
+])
+def test_initialize_says_what_is_missing(monkeypatch, env, match):
+    monkeypatch.setattr(distributed, "jax", _FakeJax("cpu"))
+    with pytest.raises(ValueError, match=match):
+        distributed.initialize(env)
+
+
+# ------------------------------------------------------------------------ 2-process run
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices: int, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_CLUSTER_PREFIXES)}
+    env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+    return env
+
+
+def _run_all(jobs: dict[str, tuple[dict, Path]], logs: Path, extra_flags=()) -> dict[str, str]:
+    """Starts every job at once, waits for all (killing all of them on a timeout or a failure);
+    returns each job's output."""
+    procs, files = {}, {}
+    try:
+        for name, (env, workdir) in jobs.items():
+            files[name] = open(logs / f"{name}.log", "w+", encoding="utf-8")
+            procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "launch.train", *TRAIN_FLAGS, *extra_flags,
+                 "--workdir", str(workdir)],
+                cwd=REPO, env=env, stdout=files[name], stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + TIMEOUT_S
+        while any(p.poll() is None for p in procs.values()):
+            failed = [n for n, p in procs.items() if p.poll() not in (None, 0)]
+            if failed or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        outputs = {}
+        for name, f in files.items():
+            f.seek(0)
+            outputs[name] = f.read()
+            f.close()
+    codes = {n: p.returncode for n, p in procs.items()}
+    if any(codes.values()):
+        details = "\n".join(f"--- {n} (exit {codes[n]}):\n{outputs[n][-3000:]}" for n in procs)
+        pytest.fail(f"launch.train failed or timed out after {TIMEOUT_S}s: {codes}\n{details}")
+    return outputs
+
+
+def _metrics(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _final(output: str) -> dict:
+    line = next(x for x in output.splitlines() if "final metrics: " in x)
+    return json.loads(line.split("final metrics: ", 1)[1])
+
+
+@pytest.mark.parametrize("mesh, described", [
+    pytest.param(dict(data=-1), "data=8 x fsdp=1 x tensor=1", id="data"),
+    # parameters and optimizer state sharded across the two processes too
+    pytest.param(dict(data=2, fsdp=2, tensor=2), "data=2 x fsdp=2 x tensor=2",
+                 id="data_fsdp_tensor", marks=pytest.mark.slow),
+])
+def test_two_processes_match_one(tmp_path, mesh, described):
+    mesh_flags = tuple(f"--config.mesh.{k}={v}" for k, v in mesh.items())
+    multi, single = tmp_path / "multi", tmp_path / "single"
+    cluster = dict(T5G2_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", T5G2_NUM_PROCESSES="2")
+    # One after the other: three JAX processes on a 2-core machine contend badly under gloo.
+    out = _run_all({"single": (_env(8), single)}, tmp_path, mesh_flags)
+    out.update(_run_all({
+        "process0": (_env(4, **cluster, T5G2_PROCESS_ID="0"), multi),
+        "process1": (_env(4, **cluster, T5G2_PROCESS_ID="1"), multi),  # the same workdir
+    }, tmp_path, mesh_flags))
+
+    assert "jax.distributed (explicit): process 1 of 2, 4 local / 8 global devices" in \
+        out["process1"]
+    assert f"{described} (8 devices)" in out["process0"]
+    ref, got = _metrics(single), _metrics(multi)
+    # process 1 reported nothing: one line per step (metrics.jsonl is appended to), one
+    # TensorBoard file, no log lines
+    assert [m["step"] for m in got] == [m["step"] for m in ref] == [1, 2, 3]
+    assert len(list((multi / "tensorboard").iterdir())) == 1
+    assert "step 1 |" in out["process0"] and "step 1 |" not in out["process1"]
+    for r, g in zip(ref, got):
+        for key in ("loss", "z_loss", "grad_norm"):
+            assert g[key] == pytest.approx(r[key], rel=1e-5, abs=1e-5), (r["step"], key)
+        assert g["target_tokens"] == r["target_tokens"] == 8 * 16
+    assert len({round(m["loss"], 4) for m in ref}) == 3  # three different batches
+    # every process ends with the same (globally reduced) metrics
+    assert _final(out["process1"])["loss"] == pytest.approx(ref[-1]["loss"], abs=1e-5)
+    assert _final(out["process0"])["loss"] == pytest.approx(ref[-1]["loss"], abs=1e-5)
