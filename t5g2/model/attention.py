@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from t5g2.chunks import merge_sequence, split_sequence
 from t5g2.model.layers import RMSNorm, default_init, param
 from t5g2.model.rope import apply_rope
 
@@ -80,14 +81,8 @@ def dot_product_attention(q: jax.Array, parts: Sequence[KVPart], scale: float,
     if not query_chunk or t <= query_chunk:
         return _attend(q, k, v, masks, scale)
 
-    chunks = -(-t // query_chunk)
-    pad = chunks * query_chunk - t
-
-    def to_chunks(x):  # [B, T, ...] -> [chunks, B, chunk, ...]; padded queries are segment 0
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        return x.reshape(x.shape[0], chunks, query_chunk, *x.shape[2:]).swapaxes(0, 1)
-
-    q_fields = [(to_chunks(m.q_positions), to_chunks(m.q_segments)) for m in masks]
+    q_fields = [(split_sequence(m.q_positions, query_chunk),
+                 split_sequence(m.q_segments, query_chunk)) for m in masks]
 
     @jax.checkpoint
     def attend_chunk(args):
@@ -96,9 +91,8 @@ def dot_product_attention(q: jax.Array, parts: Sequence[KVPart], scale: float,
                        for m, (pos, seg) in zip(masks, fields)]
         return _attend(q_chunk, k, v, chunk_masks, scale)
 
-    out = jax.lax.map(attend_chunk, (to_chunks(q), q_fields))
-    out = out.swapaxes(0, 1).reshape(q.shape[0], chunks * query_chunk, *q.shape[2:])
-    return out[:, :t]
+    out = jax.lax.map(attend_chunk, (split_sequence(q, query_chunk), q_fields))
+    return merge_sequence(out, t)
 
 
 def _attend(q, k, v, masks: Sequence[MaskSpec], scale: float) -> jax.Array:

@@ -7,6 +7,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from t5g2.chunks import split_sequence
+
 
 class LossSums(NamedTuple):
     """Sums over tokens; divide by `weight` for means (kept as sums so accumulation is exact)."""
@@ -41,20 +43,14 @@ def chunked_cross_entropy(logits_fn: Callable[[jax.Array], jax.Array], hidden: j
     """`cross_entropy(logits_fn(hidden), ...)` over chunks of `chunk` positions, each chunk's
     logits rematerialised in the backward pass: with a 262K vocabulary, logits [B, T, V] at 16K
     tokens would be 17 GB per sequence in float32; a chunk is T/chunk times smaller."""
-    t = hidden.shape[1]
-    if not chunk or t <= chunk:
+    if not chunk or hidden.shape[1] <= chunk:
         return cross_entropy(logits_fn(hidden), targets, weights, z_loss)
-    chunks = -(-t // chunk)
-    pad = chunks * chunk - t
-
-    def to_chunks(x):  # [B, T, ...] -> [chunks, B, chunk, ...]; padding has weight 0
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        return x.reshape(x.shape[0], chunks, chunk, *x.shape[2:]).swapaxes(0, 1)
 
     @jax.checkpoint
     def chunk_sums(args):
         h, t_chunk, w_chunk = args
         return cross_entropy(logits_fn(h), t_chunk, w_chunk, z_loss)
 
-    sums = jax.lax.map(chunk_sums, (to_chunks(hidden), to_chunks(targets), to_chunks(weights)))
+    chunks = tuple(split_sequence(x, chunk) for x in (hidden, targets, weights))
+    sums = jax.lax.map(chunk_sums, chunks)
     return LossSums(*(jnp.sum(x) for x in sums))
