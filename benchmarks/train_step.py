@@ -17,14 +17,22 @@ What is measured, per side:
   the model's compute dtype is forced to float32 unless `--keep_dtype`;
 * model FLOPs from `t5g2.model.flops.train_flops` (useful: visible query/key pairs only, the MFU
   convention; dense: every pair, what both implementations actually compute), MFU against a
-  float32 square matmul measured on the spot by each framework (`measure_matmul_peak`'s method);
-* peak memory: the process's peak RSS (VmHWM, reset through /proc/self/clear_refs just before the
-  timed phase) minus the RSS before the model was built, with freed heap returned first
-  (malloc_trim), so each side's figure covers its parameters, optimizer state and step
-  temporaries; t5g2 adds XLA's own buffer assignment for the compiled step (exact). JAX's CPU
-  device has no `memory_stats()`.
+  float32 square matmul measured on the spot by each framework (`measure_matmul_peak`'s method,
+  the same loop in torch), before and after each run, the larger used: a measurement can only
+  come out too low, e.g. when something else runs on the machine (the load average is reported
+  at the start and the end; compare runs only where it stayed below the core count);
+* peak memory: the process's peak RSS (VmHWM, reset through /proc/self/clear_refs before the
+  warmup steps) minus the RSS before the model was built, with freed heap returned first
+  (malloc_trim). JAX's CPU device has no `memory_stats()`. For t5g2 this RSS figure also holds
+  what compilation left resident (`rss_delta_before_steps_mib`: state + compiler leftovers), so
+  XLA's own buffer assignment of the compiled step is reported too (`xla_buffers_mib`, exact:
+  parameters, optimizer state, temporaries). Torch allocates gradients and AdamW moments in the
+  first step, so its figure is parameters + gradients + moments + activations.
+Each reference run (one per attn_implementation) runs in its own spawned process, so its memory
+and lazily initialised libraries are its own and nothing of the JAX run shares the process.
+
 The batch: random token ids below every special id (EOI, image), one segment per row, no
-padding; decoder inputs are BOS followed by the targets shifted right.
+padding; decoder inputs are BOS followed by the targets shifted right; the same arrays feed both.
 """
 
 from __future__ import annotations
@@ -116,6 +124,10 @@ class PeakRSS:
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 
+    def current_delta_mib(self) -> float | None:
+        rss = _status_kib("VmRSS")
+        return None if rss is None else round((rss - self.baseline_kib) / 1024, 1)
+
     def peak_delta_mib(self) -> float:
         peak = _status_kib("VmHWM") if "VmHWM" in self.method else self._maxrss_kib()
         return round((peak - self.baseline_kib) / 1024, 1)
@@ -199,6 +211,7 @@ def timed_steps(step: Callable[[], Any], warmup: int, steps: int) -> tuple[list[
 
 def throughput(times: list[float], batch: dict[str, np.ndarray], flops: dict[str, float],
                peak: float) -> dict[str, Any]:
+    """Median step time, tokens/s and FLOP/s; MFU against `peak` (float32 matmul FLOP/s)."""
     median = statistics.median(times)
     n, s = batch["encoder_input_tokens"].shape
     t = batch["decoder_input_tokens"].shape[1]
@@ -207,8 +220,17 @@ def throughput(times: list[float], batch: dict[str, np.ndarray], flops: dict[str
                 target_tokens_per_s=round(n * t / median, 1),
                 model_flops_per_s=round(flops["useful"] / median, 1),
                 dense_flops_per_s=round(flops["dense"] / median, 1),
+                matmul_peak_flops_per_s=round(peak, 1),
                 mfu=round(flops["useful"] / median / peak, 4),
                 mfu_dense=round(flops["dense"] / median / peak, 4))
+
+
+def best_peak(measure: Callable[[], float], before: float) -> tuple[float, dict[str, float]]:
+    """The matmul peak measured again after a benchmark; the larger of the two is used (a
+    measurement can only be too low, e.g. when something else ran on the machine)."""
+    after = measure()
+    return max(before, after), dict(before_flops_per_s=round(before, 1),
+                                    after_flops_per_s=round(after, 1))
 
 
 def step_flops(cfg: ModelConfig, batch: int, encoder_length: int,
@@ -221,9 +243,14 @@ def step_flops(cfg: ModelConfig, batch: int, encoder_length: int,
 # --------------------------------------------------------------------------- t5g2
 
 def bench_t5g2(cfg: ModelConfig, train_cfg: TrainConfig, batch: dict[str, np.ndarray],
-               warmup: int, steps: int, flops: dict[str, float], peak: float,
+               warmup: int, steps: int, flops: dict[str, float], peak_size: int = 1024,
                seed: int = 0) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """(results, the initial parameters as flat numpy arrays)."""
+    """(results, the initial parameters as flat numpy arrays). MFU is against JAX's float32
+    matmul peak (`measure_matmul_peak(peak_size)`), measured before and after the steps."""
+    def measure():
+        return measure_matmul_peak(peak_size, jnp.float32)
+
+    peak_before = measure()
     memory = PeakRSS()
     memory.set_baseline()
     mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
@@ -251,11 +278,15 @@ def bench_t5g2(cfg: ModelConfig, train_cfg: TrainConfig, batch: dict[str, np.nda
         return metrics
 
     memory.reset_peak()
+    before_steps = memory.current_delta_mib()
     times, first = timed_steps(one_step, warmup, steps)
+    peak_rss = memory.peak_delta_mib()
     first = {k: float(v) for k, v in jax.device_get(first).items()}
+    peak, peaks = best_peak(measure, peak_before)
     result = dict(compile_s=round(compile_s, 2), first_step_loss=first["loss"],
                   first_step_grad_norm=first["grad_norm"], **throughput(times, batch, flops, peak),
-                  peak_rss_delta_mib=memory.peak_delta_mib(), peak_rss_method=memory.method)
+                  matmul_peak_measurements=peaks, peak_rss_delta_mib=peak_rss,
+                  rss_delta_before_steps_mib=before_steps, peak_rss_method=memory.method)
     if analysis is not None:
         result["xla_buffers_mib"] = dict(
             arguments=round(analysis.argument_size_in_bytes / MIB, 1),
@@ -322,11 +353,30 @@ def hf_model(cfg: ModelConfig, flat: dict[str, np.ndarray], attn_implementation:
     return model.train()
 
 
+def _import_reference_modules() -> None:
+    import importlib
+
+    for name in ("transformers.models.t5gemma2.modeling_t5gemma2",
+                 "transformers.models.siglip.modeling_siglip", "transformers.loss.loss_utils",
+                 "torch.optim.adamw"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+
+
 def bench_hf(cfg: ModelConfig, train_cfg: TrainConfig, flat: dict[str, np.ndarray],
              batch: dict[str, np.ndarray], warmup: int, steps: int, flops: dict[str, float],
-             peak: float, attn_implementation: str = "sdpa") -> dict[str, Any]:
+             attn_implementation: str = "sdpa", peak_size: int = 1024) -> dict[str, Any]:
+    """One reference run; MFU against torch's float32 matmul peak measured the same way as
+    JAX's, before and after the steps, in this process."""
     import torch
 
+    def measure():
+        return measure_torch_matmul_peak(peak_size)
+
+    peak_before = measure()
+    _import_reference_modules()  # lazily imported modules are not the model's memory
     memory = PeakRSS()
     memory.set_baseline()
     model = hf_model(cfg, flat, attn_implementation)
@@ -353,49 +403,82 @@ def bench_hf(cfg: ModelConfig, train_cfg: TrainConfig, flat: dict[str, np.ndarra
         return loss.item(), None if grad_norm is None else grad_norm.item()
 
     memory.reset_peak()
+    before_steps = memory.current_delta_mib()
     times, (loss, grad_norm) = timed_steps(one_step, warmup, steps)
+    peak_rss = memory.peak_delta_mib()
+    peak, peaks = best_peak(measure, peak_before)
     result = dict(attn_implementation=attn_implementation, first_step_loss=loss,
                   first_step_grad_norm=grad_norm, **throughput(times, batch, flops, peak),
-                  peak_rss_delta_mib=memory.peak_delta_mib(), peak_rss_method=memory.method,
-                  optimizer=f"torch.optim.AdamW (foreach={opt.defaults.get('foreach')})")
+                  matmul_peak_measurements=peaks, peak_rss_delta_mib=peak_rss,
+                  rss_delta_before_steps_mib=before_steps, peak_rss_method=memory.method,
+                  optimizer=f"torch.optim.AdamW (foreach={opt.defaults.get('foreach')})",
+                  torch_num_threads=torch.get_num_threads())
     del model, opt, params, inputs
     PeakRSS.release_free_memory()
+    return result
+
+
+def bench_hf_isolated(*args, **kwargs) -> dict[str, Any]:
+    """`bench_hf` in a fresh spawned process: its memory and lazily initialised libraries are
+    its own, and nothing from the JAX run (heap, thread pools) shares the process."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        result = pool.apply(bench_hf, args, kwargs)
+    result["process"] = "separate (spawned)"
     return result
 
 
 # --------------------------------------------------------------------------- the benchmark
 
 def environment() -> dict[str, Any]:
-    env = dict(platform=platform.platform(), python=platform.python_version(),
-               cpu_count=os.cpu_count(), jax=jax.__version__,
-               jax_backend=jax.default_backend(),
-               devices=[str(d) for d in jax.devices()], devices_used=1,
-               xla_flags=os.environ.get("XLA_FLAGS", ""))
+    from importlib import metadata
+
+    def version(package):
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return None
+
+    env = dict(platform=platform.platform(), processor=_cpu_model(),
+               python=platform.python_version(),
+               cpu_count=os.cpu_count(), load_average_1min=round(os.getloadavg()[0], 2),
+               jax=jax.__version__, jaxlib=version("jaxlib"), flax=version("flax"),
+               torch=version("torch"), transformers=version("transformers"),
+               jax_backend=jax.default_backend(), jax_devices=[str(d) for d in jax.devices()],
+               devices_used=1, xla_flags=os.environ.get("XLA_FLAGS", ""),
+               jax_threads="XLA's CPU thread pool (all cores it may use)",
+               omp_num_threads=os.environ.get("OMP_NUM_THREADS"))
     try:
         env["cpu_affinity"] = len(os.sched_getaffinity(0))
     except AttributeError:
         pass
-    try:
-        import torch
-        import transformers
-
-        env.update(torch=torch.__version__, transformers=transformers.__version__,
-                   torch_num_threads=torch.get_num_threads(),
-                   torch_num_interop_threads=torch.get_num_interop_threads())
-    except ImportError:
-        env["torch"] = None
     return env
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def run(config: ml_collections.ConfigDict, *, batch: int = 8, encoder_length: int = 128,
         decoder_length: int = 64, steps: int = 10, warmup: int = 3, peak_size: int = 1024,
         attn_implementations: tuple[str, ...] = ("sdpa", "eager"), hf: bool = True,
-        keep_dtype: bool = False, seed: int = 0) -> dict[str, Any]:
+        keep_dtype: bool = False, isolate: bool = True, seed: int = 0) -> dict[str, Any]:
+    """The whole benchmark as one JSON-able dict. `isolate`: each reference run in its own
+    spawned process (the default; False runs them here, e.g. for a quick test)."""
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"steps={steps} must be >= 1 and warmup={warmup} >= 0")
     cfg = model_config(config, keep_dtype)
     train_cfg = train_config(config, batch, encoder_length, decoder_length, steps)
     data = make_batch(cfg, batch, encoder_length, decoder_length, seed)
     flops = step_flops(cfg, batch, encoder_length, decoder_length)
-    jax_peak = measure_matmul_peak(peak_size, jnp.float32)
     out: dict[str, Any] = dict(
         config=config.get("name", "?"), model=summary(cfg),
         dtype_forced_to_float32=not keep_dtype,
@@ -403,34 +486,52 @@ def run(config: ml_collections.ConfigDict, *, batch: int = 8, encoder_length: in
         tokens_per_step=batch * (encoder_length + decoder_length),
         target_tokens_per_step=batch * decoder_length, warmup_steps=warmup, timed_steps=steps,
         train=dict(learning_rate=train_cfg.learning_rate, grad_clip_norm=train_cfg.grad_clip_norm,
-                   z_loss=train_cfg.z_loss, weight_decay=train_cfg.weight_decay),
+                   z_loss=train_cfg.z_loss, weight_decay=train_cfg.weight_decay,
+                   b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps),
         environment=environment(),
         model_flops_per_step=flops["useful"], dense_flops_per_step=flops["dense"],
-        matmul_peak=dict(size=peak_size, dtype="float32", method="best of 10 square matmuls",
-                         jax_flops_per_s=round(jax_peak, 1)))
+        flops_note=("t5g2.model.flops.train_flops x batch: useful = visible query/key pairs only "
+                    "(MFU convention), dense = every pair, as both implementations compute"),
+        matmul_peak=dict(size=peak_size, dtype="float32",
+                         method="best of 10 square size x size matmuls after a warm-up "
+                                "(t5g2.train.peak.measure_matmul_peak; the same loop in torch), "
+                                "measured before and after each run, the larger used"))
 
-    out["t5g2"], initial = bench_t5g2(cfg, train_cfg, data, warmup, steps, flops, jax_peak, seed)
+    out["t5g2"], initial = bench_t5g2(cfg, train_cfg, data, warmup, steps, flops, peak_size,
+                                      seed)
+    out["matmul_peak"]["jax_flops_per_s"] = out["t5g2"]["matmul_peak_flops_per_s"]
 
     if hf and cfg.cross_attention != "merged":
         out["hf"] = dict(skipped=f"cross_attention={cfg.cross_attention!r}: the reference has "
                                  "merged attention only")
     elif hf:
-        torch_peak = measure_torch_matmul_peak(peak_size)
-        out["matmul_peak"]["torch_flops_per_s"] = round(torch_peak, 1)
-        out["hf"] = {}
-        for impl in attn_implementations:
-            out["hf"][impl] = bench_hf(cfg, train_cfg, initial, data, warmup, steps, flops,
-                                       torch_peak, impl)
-        ours = out["t5g2"]
-        out["comparison"] = {}
-        for impl, ref in out["hf"].items():
-            diff = abs(ours["first_step_loss"] - ref["first_step_loss"])
-            out["comparison"][impl] = dict(
-                tokens_per_s_ratio_t5g2_over_hf=round(ours["tokens_per_s"] / ref["tokens_per_s"],
-                                                      3),
-                first_step_loss_abs_diff=diff,
-                first_step_loss_rel_diff=diff / abs(ref["first_step_loss"]),
-                first_step_losses_agree=bool(diff <= LOSS_RTOL * abs(ref["first_step_loss"])))
+        bench = bench_hf_isolated if isolate else bench_hf
+        out["hf"] = {impl: bench(cfg, train_cfg, initial, data, warmup, steps, flops, impl,
+                                 peak_size)
+                     for impl in attn_implementations}
+        out["matmul_peak"]["torch_flops_per_s"] = max(
+            r["matmul_peak_flops_per_s"] for r in out["hf"].values())
+        out["comparison"] = {impl: compare(out["t5g2"], ref) for impl, ref in out["hf"].items()}
+    # Something else running on the machine shows here (and in a low matmul peak measurement).
+    out["environment"]["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
+    return out
+
+
+def compare(ours: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
+    loss_diff = abs(ours["first_step_loss"] - ref["first_step_loss"])
+    out = dict(tokens_per_s_ratio_t5g2_over_hf=round(ours["tokens_per_s"] / ref["tokens_per_s"],
+                                                     3),
+               step_time_ratio_hf_over_t5g2=round(ref["step_s_median"] / ours["step_s_median"],
+                                                  3),
+               first_step_loss_t5g2=ours["first_step_loss"],
+               first_step_loss_hf=ref["first_step_loss"],
+               first_step_loss_abs_diff=loss_diff,
+               first_step_loss_rel_diff=loss_diff / abs(ref["first_step_loss"]),
+               first_step_losses_agree=bool(loss_diff <= LOSS_RTOL * abs(ref["first_step_loss"])))
+    if ref.get("first_step_grad_norm") is not None:
+        out["first_step_grad_norm_rel_diff"] = (
+            abs(ours["first_step_grad_norm"] - ref["first_step_grad_norm"])
+            / abs(ref["first_step_grad_norm"]))
     return out
 
 
@@ -448,6 +549,7 @@ def main(argv=None) -> None:
     flags.DEFINE_integer("peak_size", 1024, "side of the square float32 matmul for the peak")
     flags.DEFINE_list("attn", ["sdpa", "eager"], "HF attn_implementation(s) to run")
     flags.DEFINE_bool("hf", True, "also run the Hugging Face PyTorch reference")
+    flags.DEFINE_bool("isolate", True, "run each reference in its own spawned process")
     flags.DEFINE_bool("keep_dtype", False, "keep the config's compute dtype (default: float32)")
     flags.mark_flags_as_required(["config"])
     FLAGS = flags.FLAGS
@@ -458,7 +560,7 @@ def main(argv=None) -> None:
                      decoder_length=FLAGS.decoder_length, steps=FLAGS.steps,
                      warmup=FLAGS.warmup, peak_size=FLAGS.peak_size,
                      attn_implementations=tuple(FLAGS.attn), hf=FLAGS.hf,
-                     keep_dtype=FLAGS.keep_dtype)
+                     keep_dtype=FLAGS.keep_dtype, isolate=FLAGS.isolate)
         print(json.dumps(result, indent=2))
         sys.stdout.flush()
 

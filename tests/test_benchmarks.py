@@ -1,0 +1,43 @@
+"""benchmarks.train_step end to end at a trivial size: both sides run, the JSON has its keys, and
+the same weights and batch give the same first-step loss in t5g2 and the reference."""
+
+import json
+
+from configs import tiny
+from benchmarks import train_step
+
+STEP_KEYS = {"step_s_median", "tokens_per_s", "target_tokens_per_s", "model_flops_per_s",
+             "dense_flops_per_s", "mfu", "mfu_dense", "first_step_loss", "peak_rss_delta_mib",
+             "peak_rss_method", "matmul_peak_flops_per_s"}
+
+
+def test_train_step_benchmark_runs_and_reports():
+    config = tiny.get_config()
+    config.model.encoder.num_layers = 2
+    config.model.decoder.num_layers = 2
+    config.model.dtype = "bfloat16"  # forced to float32 by the benchmark
+    out = train_step.run(config, batch=2, encoder_length=16, decoder_length=8, steps=1,
+                         warmup=1, peak_size=64, attn_implementations=("sdpa",),
+                         isolate=False)
+    json.dumps(out)  # JSON-able as printed
+    assert out["model"]["dtype"] == "float32" and out["dtype_forced_to_float32"]
+    assert out["model"]["encoder"]["num_layers"] == 2
+    assert out["tokens_per_step"] == 2 * (16 + 8)
+    assert 0 < out["model_flops_per_step"] <= out["dense_flops_per_step"]
+    assert {"jax_flops_per_s", "torch_flops_per_s", "size"} <= set(out["matmul_peak"])
+    assert STEP_KEYS | {"compile_s", "xla_buffers_mib"} <= set(out["t5g2"])
+    assert STEP_KEYS <= set(out["hf"]["sdpa"])
+    comparison = out["comparison"]["sdpa"]
+    assert comparison["tokens_per_s_ratio_t5g2_over_hf"] > 0
+    assert comparison["first_step_losses_agree"], comparison
+
+
+def test_separate_cross_attention_skips_the_reference():
+    config = tiny.get_config()
+    config.model.encoder.num_layers = 1
+    config.model.decoder.num_layers = 1
+    config.model.cross_attention = "separate"
+    out = train_step.run(config, batch=1, encoder_length=8, decoder_length=4, steps=1, warmup=0,
+                         peak_size=64, isolate=False)
+    assert "skipped" in out["hf"] and "comparison" not in out
+    assert out["t5g2"]["tokens_per_s"] > 0
