@@ -27,7 +27,8 @@ def model(encoder, *, vocab_size=262_144, decoder=None):
         vocab_size=vocab_size, tie_embeddings=True, cross_attention="merged",
         final_logit_softcap=ml_collections.FieldReference(None, field_type=float),
         pad_id=0, eos_id=1, bos_id=2, eoi_token_id=256_000, image_token_id=256_001,
-        dtype="bfloat16", param_dtype="float32", remat="none", attention_query_chunk=0,
+        dtype="bfloat16", param_dtype="float32", remat="none", scan_layers=True,
+        attention_query_chunk=0,
     ))
 
 

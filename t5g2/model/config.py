@@ -74,6 +74,9 @@ class ModelConfig:
     dtype: str = "bfloat16"  # compute dtype; softmax, norms and loss stay float32
     param_dtype: str = "float32"
     remat: str = "none"
+    # Scan the layer periods (compile time flat in depth) or unroll them (no stacked-activation
+    # copies; faster steps on CPU, slower compiles).
+    scan_layers: bool = True
     # Attention over query chunks of this many tokens (0: all at once); same numbers, memory
     # [chunk x keys] instead of [queries x keys] per head: needed at 16K tokens.
     attention_query_chunk: int = 0

@@ -138,9 +138,10 @@ class LayerStack(nnx.Module):
 
     def __init__(self, num_layers: int, pattern: int,
                  make_layer: Callable[[int, nnx.Rngs], nnx.Module], *, remat: str,
-                 rngs: nnx.Rngs):
+                 scan: bool = True, rngs: nnx.Rngs):
         num_periods, num_tail = divmod(num_layers, pattern)
         self.remat = remat
+        self.scan = scan
         periods = None
         if num_periods:
             @nnx.split_rngs(splits=num_periods)
@@ -165,7 +166,11 @@ class LayerStack(nnx.Module):
 
             if self.remat != "none":
                 period_step = jax.checkpoint(period_step, policy=_REMAT_POLICIES[self.remat])
-            x, _ = jax.lax.scan(period_step, x, state)
+            if self.scan:
+                x, _ = jax.lax.scan(period_step, x, state)
+            else:  # unrolled: longer compiles, no stacked-activation copies (faster on CPU)
+                for p in range(jax.tree.leaves(state)[0].shape[0]):
+                    x, _ = period_step(x, jax.tree.map(lambda a, p=p: a[p], state))
         for layer in self.tail:
             x = constrain(layer(x, ctx), RESIDUAL)
         return x
@@ -201,8 +206,8 @@ def insert_image_features(x: jax.Array, tokens: jax.Array, features: jax.Array,
 class Encoder(nnx.Module):
     """Bidirectional Gemma 3 stack over (text and, later, image) embeddings."""
 
-    def __init__(self, cfg: StackConfig, *, remat: str, query_chunk: int, param_dtype,
-                 rngs: nnx.Rngs):
+    def __init__(self, cfg: StackConfig, *, remat: str, scan: bool, query_chunk: int,
+                 param_dtype, rngs: nnx.Rngs):
         self.cfg = cfg
 
         def make_layer(i, r):
@@ -210,7 +215,7 @@ class Encoder(nnx.Module):
                                 param_dtype=param_dtype, rngs=r)
 
         self.layers = LayerStack(cfg.num_layers, cfg.sliding_window_pattern, make_layer,
-                                 remat=remat, rngs=rngs)
+                                 remat=remat, scan=scan, rngs=rngs)
         self.final_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps, "embed",
                                   param_dtype=param_dtype, rngs=rngs)
 
@@ -234,7 +239,7 @@ class Decoder(nnx.Module):
                                 rngs=r)
 
         self.layers = LayerStack(dec.num_layers, dec.sliding_window_pattern, make_layer,
-                                 remat=cfg.remat, rngs=rngs)
+                                 remat=cfg.remat, scan=cfg.scan_layers, rngs=rngs)
         self.final_norm = RMSNorm(dec.d_model, dec.rms_norm_eps, "embed",
                                   param_dtype=param_dtype, rngs=rngs)
 
@@ -260,7 +265,7 @@ class T5Gemma2(nnx.Module):
                                           param_dtype=pdt, rngs=rngs)
             self.lm_head = param(rngs, default_init, (cfg.vocab_size, cfg.decoder.d_model),
                                  ("vocab", "embed"), pdt)
-        self.encoder = Encoder(cfg.encoder, remat=cfg.remat,
+        self.encoder = Encoder(cfg.encoder, remat=cfg.remat, scan=cfg.scan_layers,
                                query_chunk=cfg.attention_query_chunk, param_dtype=pdt, rngs=rngs)
         self.decoder = Decoder(cfg, param_dtype=pdt, rngs=rngs)
 
