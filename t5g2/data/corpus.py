@@ -75,7 +75,7 @@ _MIN_LETTER_FRACTION = 0.85
 
 
 def cache_root(cache_dir: str | None = None) -> str:
-    """The t5g2 cache directory: the argument, else $T5G2_CACHE, $XDG_CACHE_HOME/t5g2, ~/.cache/t5g2."""
+    """The t5g2 cache dir: the argument, else $T5G2_CACHE, $XDG_CACHE_HOME/t5g2, ~/.cache/t5g2."""
     if cache_dir:
         return os.path.abspath(os.path.expanduser(cache_dir))
     if os.environ.get("T5G2_CACHE"):
