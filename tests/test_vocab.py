@@ -122,6 +122,8 @@ def test_agrees_with_seqio(vocab, model_file, documents):
     seqio = pytest.importorskip("seqio")
     theirs = seqio.SentencePieceVocabulary(model_file, extra_ids=NUM_SENTINELS,
                                            reverse_extra_ids=True)
+    ours = vocab.seqio_vocabulary()
+    assert (ours.sentencepiece_model_file, ours.extra_ids) == (model_file, NUM_SENTINELS)
     assert theirs.vocab_size == vocab.size
     assert (theirs.pad_id, theirs.eos_id, theirs.unk_id) == (vocab.pad_id, vocab.eos_id,
                                                              vocab.unk_id)

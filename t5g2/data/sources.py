@@ -10,7 +10,9 @@ What one document is, per kind:
 * "text": a maximal run of non-blank lines (documents are separated by one or more blank lines),
   its exact text without the final line break. A file with no blank line is one document.
 * "jsonl": the string `field` of the JSON object on one line. Blank lines are not records.
-* "parquet": the string (or UTF-8 binary) column `field` of one row.
+* "parquet": the string (or UTF-8 binary) column `field` of one row. Access reads a whole row group
+  (the last 4 are cached per file and process), so globally shuffled access to files with many
+  large row groups is slow: write small row groups, or convert to ArrayRecord.
 * "arrayrecord": one record, UTF-8 text.
 * "embedded": a "text" source over the embedded stdlib corpus (`embedded_corpus_path`); no paths.
 

@@ -155,6 +155,17 @@ class Vocabulary:
                 f"(from {source}, model {self.model_file}); raise num_sentinels or shorten the "
                 "inputs")
 
+    def seqio_vocabulary(self):
+        """The same ids as a `seqio.SentencePieceVocabulary` (imports seqio, hence TensorFlow).
+
+        Its encoding of text and of the sentinels equals this one's; in a Gemma model, a mode token
+        that took a reserved `<unusedN>` piece is not what seqio makes of the string: use
+        `mode_id` there.
+        """
+        import seqio  # lazily: TensorFlow stays out of the grain training path
+        return seqio.SentencePieceVocabulary(self.model_file, extra_ids=self.extra_ids,
+                                             reverse_extra_ids=True)
+
     def __getstate__(self):
         # The sentencepiece processor is rebuilt from the proto bytes in each worker process.
         return dict(model_proto=self._model_proto, model_file=self.model_file,
