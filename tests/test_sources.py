@@ -122,6 +122,13 @@ def test_text_documents_are_blank_line_separated_blocks(tmp_path):
     assert docs.report() == "3 documents from 1 text file; nothing skipped"
 
 
+def test_long_whitespace_runs_scan_in_linear_time(tmp_path):
+    spaces = b" \t" * 200_000  # a backtracking block pattern would take hours here
+    path = write(tmp_path / "ws.txt", b"a\n" + spaces + b"\n" + spaces + b"b\n\nc" + spaces)
+    docs = open_documents("text", path)
+    assert list(docs) == ["a", (spaces + b"b").decode(), "c" + spaces.decode()]
+
+
 def test_random_access_slices_and_bounds(tmp_path):
     paths = [write(tmp_path / f"{i}.txt", f"doc {i}a\n\ndoc {i}b\n".encode()) for i in range(3)]
     docs = open_documents("text", paths)

@@ -53,8 +53,9 @@ _FIELD_KINDS = ("jsonl", "parquet")
 _ON_BAD = ("error", "skip")
 _SHOWN_PROBLEMS = 5
 
-# A block: a non-blank line, then any further lines up to the next blank line.
-_TEXT_BLOCK = re.compile(rb"[^\S\n]*[^\s][^\n]*(?:\n[^\S\n]*[^\s][^\n]*)*")
+# A block: a non-blank line, then any further lines up to the next blank line. Anchored at line
+# starts with possessive whitespace runs, so a long whitespace-only line costs linear time.
+_TEXT_BLOCK = re.compile(rb"(?m)^[^\S\n]*+\S[^\n]*(?:\n[^\S\n]*+\S[^\n]*)*")
 
 log = logging.getLogger(__name__)
 _OPEN_LOCK = threading.Lock()  # files are opened lazily, once, by whichever reader thread is first
