@@ -4,16 +4,18 @@ Every Python install ships it, so tests, the CPU smoke run and `default_vocabula
 download. It is generated at first use and cached on disk (`cache_root()`), written atomically
 (temporary file, then rename), so concurrent processes may race safely: each writes the same bytes.
 
-What is in it: the modules of `STDLIB_MODULES` (an explicit allow-list; packages add their public
-submodules, never tests, `__main__` or platform-specific ones), visited in sorted order. For each
-module we take the docstrings of the module, of its public classes and functions defined there and
-of their public methods, in sorted name order, and keep only paragraphs that read as prose (not
-indented, no doctest or code, mostly letters, at least 8 words, start like a sentence and end with
-punctuation). A paragraph seen before is not repeated. Lines are reflowed, so each paragraph is one
-line.
+What is in it (~1 MB, ~157K words, ~320 documents on CPython 3.11; the stdlib holds little more
+prose than that): the modules of `STDLIB_MODULES` (an explicit allow-list; packages add their
+public submodules, never tests, `__main__` or platform-specific ones), visited in sorted order, then
+the Language Reference topics that `help()` shows (`pydoc_data.topics`). For each module we take
+the docstrings of the module, of the classes and functions defined there and of their methods and
+properties, in sorted name order, and keep only paragraphs that read as prose (no doctest or shell
+prompt, mostly letters, at least 8 words, start like a sentence and end with punctuation; a list
+item counts once its marker is removed). A paragraph seen before is not repeated. Lines are
+reflowed, so each paragraph is one line.
 
-Format: one document per module, documents separated by one blank line, one paragraph per line --
-exactly what `sources.open_documents("text", ...)` reads as one document per blank-line block.
+Format: one document per module (or topic), documents separated by one blank line, one paragraph
+per line -- exactly what `sources.open_documents("text", ...)` reads as one document per block.
 
 Determinism: the traversal is sorted and never depends on hash order; generation runs in a fresh
 isolated interpreter (`python -I`), so neither the caller's imports nor its environment change the
