@@ -51,9 +51,10 @@ def test_grain_first_fit_gives_an_examples_inputs_and_targets_the_same_segment_i
         in_seg, out_seg = packed["inputs_segment_ids"][row], packed["targets_segment_ids"][row]
         assert set(np.unique(in_seg[in_seg > 0])) == set(np.unique(out_seg[out_seg > 0]))
         for s in np.unique(in_seg[in_seg > 0]):
-            inputs, targets = packed["inputs"][row][in_seg == s], packed["targets"][row][out_seg == s]
-            match = [i for i, e in enumerate(examples)
-                     if np.array_equal(e["inputs"], inputs) and np.array_equal(e["targets"], targets)]
+            inputs = packed["inputs"][row][in_seg == s]
+            targets = packed["targets"][row][out_seg == s]
+            match = [i for i, e in enumerate(examples) if np.array_equal(e["inputs"], inputs)
+                     and np.array_equal(e["targets"], targets)]
             assert len(match) == 1, (row, s)  # the same id names one example on both sides
             np.testing.assert_array_equal(packed["inputs_positions"][row][in_seg == s],
                                           np.arange(len(inputs)))
