@@ -158,6 +158,19 @@ def test_examples_merge_back_into_the_token_stream_with_nothing_lost(cache_dir, 
     assert consumed["documents"] == np.sum(ends <= total)  # documents read to their end
 
 
+def test_a_document_longer_than_any_example_is_split_across_examples(cache_dir, documents,
+                                                                     vocab, tmp_path):
+    path = tmp_path / "one_long_document.txt"
+    path.write_text("\n".join(documents[:10]), encoding="utf-8")  # no blank line: one document
+    long_document = open_documents("text", str(path))
+    assert len(long_document) == 1 and len(vocab.encode(long_document[0])) > 20 * 128
+    src = source(config(cache_dir), long_document, vocab)
+    batches = take(src, 6)
+    chunks = raw_chunks(batches, vocab)
+    assert assert_tile_the_stream(chunks, document_tokens(long_document, vocab, seed=0)) == 1
+    assert src.consumed()["documents"] == 0 and len(chunks) >= 24
+
+
 def test_all_denoisers_are_used_with_their_mode_tokens(cache_dir, documents, vocab):
     batches = take(source(config(cache_dir), documents, vocab), 8)
     firsts = [int(i[0]) for b in batches for _, _, i in segments(b, "encoder",
@@ -200,9 +213,9 @@ def test_resume_from_any_batch_gives_exactly_the_next_batches(cache_dir, short_d
     assert max(len(json.dumps(s)) for s in states) < 4000  # positions, not buffered tokens
 
 
-def test_worker_processes_change_neither_batches_nor_resume(cache_dir, short_documents, vocab):
-    reference = take(source(config(cache_dir), short_documents, vocab), 7)
-    cfg = config(cache_dir, num_workers=2)
+def test_workers_and_threads_change_neither_batches_nor_resume(cache_dir, short_documents, vocab):
+    reference = take(source(config(cache_dir, read_threads=0), short_documents, vocab), 7)
+    cfg = config(cache_dir, num_workers=2, read_threads=2)
     src = source(cfg, short_documents, vocab)
     try:
         first = take(src, 4)
