@@ -24,6 +24,15 @@ it restores only into a pipeline with the same `num_workers`; `Ul2Source.set_sta
 
 Every state is small and JSON-able: `DenoisedChunks` stores the reader's state at the first
 document it still buffers plus an offset into it, never the buffered tokens.
+
+Where the time goes (16384/16384, measured on a 2-core CPU): tokenizing is ~75% of the work,
+denoising, packing and batching little, hence tokenizing in workers and denoising in the
+consumer. Sentencepiece releases the GIL, so `read_threads` already tokenize in parallel inside
+one process; worker processes pay a per-document transfer and help only with spare cores.
+Packing density: `raw_length` sizes every span example to fill the encoder and every
+T5Gemma 2 S example to fill the decoder, so at equal lengths first-fit almost never puts two
+examples in one row (t5gemma2 mixture: 1.00 examples per row, 64% of encoder and 88% of decoder
+positions real).
 """
 
 from __future__ import annotations
