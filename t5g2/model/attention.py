@@ -11,14 +11,14 @@ windowed), joined under one softmax.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from t5g2.chunks import merge_sequence, split_sequence
-from t5g2.model.layers import RMSNorm, default_init, param
+from t5g2.model.layers import RMSNorm, default_init, param, project
 from t5g2.model.rope import apply_rope
 
 
@@ -38,9 +38,13 @@ class MaskSpec:
 
     def dense(self) -> jax.Array:
         """The boolean mask [batch, q_len, kv_len]."""
-        q_seg, kv_seg = self.q_segments[:, :, None], self.kv_segments[:, None, :]
+        return self.visible(self.q_positions[:, :, None], self.q_segments[:, :, None],
+                            self.kv_positions[:, None, :], self.kv_segments[:, None, :])
+
+    def visible(self, q_pos, q_seg, kv_pos, kv_seg) -> jax.Array:
+        """The mask for broadcastable query and key position/segment arrays."""
         mask = (q_seg == kv_seg) & (kv_seg != 0)
-        offset = self.kv_positions[:, None, :] - self.q_positions[:, :, None]
+        offset = kv_pos - q_pos
         if self.causal:
             mask &= offset <= 0
         if self.window is not None:
@@ -61,6 +65,9 @@ def decoder_window(window: int) -> tuple[int, int]:
 
 KVPart = tuple[jax.Array, jax.Array, MaskSpec]
 
+MIN_BAND_BLOCK = 64
+MASKED = -0.5 * float(jnp.finfo(jnp.float32).max)  # score bias of hidden keys: exp() gives 0  # query block of banded (sliding-window) attention, at least
+
 
 def dot_product_attention(q: jax.Array, parts: Sequence[KVPart], scale: float,
                           query_chunk: int = 0) -> jax.Array:
@@ -70,43 +77,135 @@ def dot_product_attention(q: jax.Array, parts: Sequence[KVPart], scale: float,
     A query row with no visible key gets a uniform average (finite, never NaN); such rows exist
     only at padding, whose outputs nothing reads.
 
-    query_chunk > 0 processes the queries in chunks of that many, each rematerialised in the
-    backward pass, so the scores held at once are [B, heads, chunk, keys] instead of
-    [B, heads, T, keys]: what makes 16K-token sequences fit. The numbers are the same.
-    """
-    k = jnp.concatenate([p[0] for p in parts], axis=1)
-    v = jnp.concatenate([p[1] for p in parts], axis=1)
-    masks = [p[2] for p in parts]
-    t = q.shape[1]
-    if not query_chunk or t <= query_chunk:
-        return _attend(q, k, v, masks, scale)
+    Queries are processed in blocks. A sliding-window part whose keys are the queries' own
+    sequence is *banded*: each query block scores only the keys its window can reach (block +
+    left + right of them) instead of all S, which is what makes local layers cost O(T·W), not
+    O(T·S). This relies on positions increasing by at least 1 per index inside a segment (true
+    for unpadded, padded and packed rows), so a key outside the band is never visible; the
+    keys skipped are exactly keys the dense mask hides, and the numbers are the same.
 
-    q_fields = [(split_sequence(m.q_positions, query_chunk),
-                 split_sequence(m.q_segments, query_chunk)) for m in masks]
+    query_chunk > 0 processes the query blocks in groups of about that many queries, each
+    rematerialised in the backward pass, so the scores held at once are [B, heads, chunk, keys]
+    instead of [B, heads, T, keys]: what makes 16K-token sequences fit.
+    """
+    b, t, n, h = q.shape
+    block = _query_block(t, parts, query_chunk)
+    blocks = -(-t // block)
+    prepared = [_arrange_part(k, v, m, t, block, blocks) for k, v, m in parts]
+    q_blocks = _to_blocks(q, block, blocks)
+    q_fields = [(_to_blocks(m.q_positions, block, blocks),
+                 _to_blocks(m.q_segments, block, blocks)) for _, _, m in parts]
+    chunk_blocks = max(1, query_chunk // block) if query_chunk else blocks
+    if chunk_blocks >= blocks:
+        out = _attend(q_blocks, q_fields, prepared, [m for _, _, m in parts], scale)
+    else:
+        out = _attend_in_chunks(q_blocks, q_fields, prepared, [m for _, _, m in parts], scale,
+                                chunk_blocks)
+    return out.reshape(b, blocks * block, n, h)[:, :t]
+
+
+def _query_block(t: int, parts: Sequence[KVPart], query_chunk: int) -> int:
+    """Queries per block: a band-friendly size when some part is windowed over its own
+    sequence, else the query chunk (or all queries)."""
+    reach = [sum(m.window) for k, _, m in parts if _bandable(k, m, t)]
+    if reach:
+        block = max(MIN_BAND_BLOCK, *reach)
+        if block + max(reach) < t:  # the band is shorter than the sequence
+            return block
+    return query_chunk if query_chunk and t > query_chunk else t
+
+
+def _bandable(k: jax.Array, mask: MaskSpec, t: int) -> bool:
+    return mask.window is not None and k.shape[1] == t
+
+
+def _to_blocks(x: jax.Array, block: int, blocks: int) -> jax.Array:
+    """[B, T, ...] -> [B, blocks, block, ...], zero-padded at the end (segment id 0)."""
+    x = jnp.pad(x, [(0, 0), (0, blocks * block - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+    return x.reshape(x.shape[0], blocks, block, *x.shape[2:])
+
+
+def _band(x: jax.Array, block: int, blocks: int, left: int, right: int) -> jax.Array:
+    """[B, T, ...] -> [B, blocks, block + left + right, ...]: for query block c, the entries at
+    indices [c*block - left, (c+1)*block + right), zero outside the sequence."""
+    span = block + left + right
+    extra = -(-(left + right) // block)
+    total = (blocks + extra) * block
+    x = jnp.pad(x, [(0, 0), (left, total - left - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+    x = x.reshape(x.shape[0], blocks + extra, block, *x.shape[2:])
+    return jnp.concatenate([x[:, j:j + blocks] for j in range(extra + 1)], axis=2)[:, :, :span]
+
+
+def _arrange_part(k, v, mask: MaskSpec, t: int, block: int, blocks: int):
+    """(k, v, kv_positions, kv_segments, banded) for blocked queries: banded parts carry a
+    block axis [B, blocks, span, ...], the others stay [B, S, ...]."""
+    if blocks > 1 and _bandable(k, mask, t):
+        left, right = mask.window
+        return tuple(_band(x, block, blocks, left, right)
+                     for x in (k, v, mask.kv_positions, mask.kv_segments)) + (True,)
+    return (k, v, mask.kv_positions, mask.kv_segments, False)
+
+
+def _attend(q, q_fields, parts, masks: Sequence[MaskSpec], scale: float) -> jax.Array:
+    """Blocked queries q [B, nb, C, N, H] against the arranged parts -> [B, nb, C, N, H].
+
+    One softmax over all parts, computed part by part (no concatenated scores, no sliced
+    probabilities): a shared max, exp per part, one total weight, then the sum of the parts'
+    P·V accumulated in float32. Layouts put the dot's batch axes first, so XLA inserts no transposes
+    of score-sized arrays.
+    """
+    b, nb, c, n, h = q.shape
+    kv_heads = parts[0][0].shape[-2]
+    q = q.reshape(b, nb, c, kv_heads, n // kv_heads, h).transpose(0, 3, 1, 2, 4, 5)  # bkncgh
+    scores = []
+    for (k, _, kv_pos, kv_seg, banded), mask, (q_pos, q_seg) in zip(parts, masks, q_fields):
+        if banded:
+            s = jnp.einsum("bkncgh,bnskh->bkncgs", q, k)
+            kv_pos, kv_seg = kv_pos[:, :, None, :], kv_seg[:, :, None, :]
+        else:
+            s = jnp.einsum("bkncgh,bskh->bkncgs", q, k)
+            kv_pos, kv_seg = kv_pos[:, None, None, :], kv_seg[:, None, None, :]
+        visible = mask.visible(q_pos[..., None], q_seg[..., None], kv_pos, kv_seg)  # bncs
+        # Scale by the unrounded scalar, round to the compute dtype once (as the reference
+        # does), then hide keys with an additive bias (a select would save a mask residual).
+        s = (s.astype(jnp.float32) * scale).astype(q.dtype).astype(jnp.float32)
+        scores.append(s + jnp.where(visible, 0.0, MASKED)[:, None, :, :, None, :])
+    top = jax.lax.stop_gradient(
+        functools.reduce(jnp.maximum, [s.max(axis=-1, keepdims=True) for s in scores]))
+    weights = [jnp.exp(s - top) for s in scores]
+    total = sum(w.sum(axis=-1, keepdims=True) for w in weights)
+    out = 0.0
+    for w, (_, v, _, _, banded) in zip(weights, parts):
+        # Probabilities rounded to the compute dtype before P·V, as the reference rounds them.
+        probs = (w / total).astype(v.dtype)
+        spec = "bkncgs,bnskh->bkncgh" if banded else "bkncgs,bskh->bkncgh"
+        out = out + jnp.einsum(spec, probs, v, preferred_element_type=jnp.float32)
+    out = out.astype(parts[0][1].dtype)
+    return out.transpose(0, 2, 3, 1, 4, 5).reshape(b, nb, c, n, h)
+
+
+def _attend_in_chunks(q, q_fields, parts, masks, scale, chunk_blocks: int) -> jax.Array:
+    """`_attend` over groups of `chunk_blocks` query blocks with lax.map, each group
+    rematerialised in the backward pass (banded parts are split along with their queries)."""
+    b, nb = q.shape[:2]
+    groups = -(-nb // chunk_blocks)
+
+    def split(x):  # [B, nb, ...] -> [groups, B, chunk_blocks, ...]
+        x = jnp.pad(x, [(0, 0), (0, groups * chunk_blocks - nb)] + [(0, 0)] * (x.ndim - 2))
+        return x.reshape(b, groups, chunk_blocks, *x.shape[2:]).swapaxes(0, 1)
+
+    mapped = [tuple(split(x) for x in p[:4]) if p[4] else () for p in parts]
 
     @jax.checkpoint
-    def attend_chunk(args):
-        q_chunk, fields = args
-        chunk_masks = [m.replace(q_positions=pos, q_segments=seg)
-                       for m, (pos, seg) in zip(masks, fields)]
-        return _attend(q_chunk, k, v, chunk_masks, scale)
+    def attend_group(args):
+        q_group, fields, banded_group = args
+        group_parts = [g + (True,) if p[4] else p for p, g in zip(parts, banded_group)]
+        return _attend(q_group, fields, group_parts, masks, scale)
 
-    out = jax.lax.map(attend_chunk, (split_sequence(q, query_chunk), q_fields))
-    return merge_sequence(out, t)
-
-
-def _attend(q, k, v, masks: Sequence[MaskSpec], scale: float) -> jax.Array:
-    mask = jnp.concatenate([m.dense() for m in masks], axis=-1)
-    b, t, n, h = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k)
-    # Scale by the unrounded scalar, then round to the compute dtype once, as the reference does.
-    scores = (scores.astype(jnp.float32) * scale).astype(q.dtype).astype(jnp.float32)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
-    return out.reshape(b, t, n, h)
+    fields = [(split(pos), split(seg)) for pos, seg in q_fields]
+    out = jax.lax.map(attend_group, (split(q), fields, mapped))
+    out = out.swapaxes(0, 1)
+    return out.reshape(b, groups * chunk_blocks, *out.shape[3:])[:, :nb]
 
 
 class Attention(nnx.Module):
@@ -134,16 +233,16 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(head_dim, eps, "head_dim", param_dtype=param_dtype, rngs=rngs)
 
     def queries(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None) -> jax.Array:
-        q = self.q_norm(jnp.einsum("btd,dnh->btnh", x, self.q[...].astype(x.dtype)))
+        q = self.q_norm(project(x, self.q[...]))
         return q if rope is None else apply_rope(q, *rope)
 
     def keys_values(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None):
-        k = self.k_norm(jnp.einsum("bsd,dkh->bskh", x, self.k[...].astype(x.dtype)))
-        v = jnp.einsum("bsd,dkh->bskh", x, self.v[...].astype(x.dtype))
+        k = self.k_norm(project(x, self.k[...]))
+        v = project(x, self.v[...])
         return (k if rope is None else apply_rope(k, *rope)), v
 
     def output(self, attended: jax.Array) -> jax.Array:
-        return jnp.einsum("btnh,nhd->btd", attended, self.o[...].astype(attended.dtype))
+        return project(attended, self.o[...], contract=2)
 
     def self_attention(self, x, rope, mask: MaskSpec) -> jax.Array:
         """Encoder (bidirectional) or decoder (causal) self-attention."""

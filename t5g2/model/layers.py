@@ -64,6 +64,28 @@ class Embedder(nnx.Module):
         return jnp.where(is_eoi, self.eoi[...].astype(dtype), x)
 
 
+def project(x: jax.Array, w: jax.Array, *, contract: int = 1,
+            transpose_w: bool = False) -> jax.Array:
+    """x [..., *w_in] times the weight w [*w_in, *w_out] -> [..., *w_out], in x's dtype.
+
+    Computed as one 2-D matmul over the flattened tokens: contracting a [batch, length, ...]
+    activation directly makes XLA:CPU transpose every weight gradient's operand into a slow
+    strided copy (measured 3.8x slower on a GeGLU forward+backward). `transpose_w` contracts
+    w's trailing `contract` axes instead (the tied table [vocab, embed] as the LM head).
+    """
+    w = w.astype(x.dtype)
+    lead = x.shape[:x.ndim - contract]
+    k = math.prod(x.shape[x.ndim - contract:])
+    x2 = x.reshape(-1, k)
+    if transpose_w:
+        out_shape = w.shape[:w.ndim - contract]
+        y = jax.lax.dot_general(x2, w.reshape(-1, k), (((1,), (1,)), ((), ())))
+    else:
+        out_shape = w.shape[contract:]
+        y = x2 @ w.reshape(k, -1)
+    return y.reshape(*lead, *out_shape)
+
+
 def gelu_tanh(x: jax.Array) -> jax.Array:
     """tanh-approximated GELU, computed in float32 and rounded once (as torch does in bf16)."""
     return jax.nn.gelu(x.astype(jnp.float32), approximate=True).astype(x.dtype)
@@ -78,6 +100,5 @@ class MLP(nnx.Module):
         self.down = param(rngs, default_init, (ffn_dim, d_model), ("mlp", "embed"), param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dt = x.dtype
-        h = gelu_tanh(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
-        return h @ self.down[...].astype(dt)
+        h = gelu_tanh(project(x, self.gate[...])) * project(x, self.up[...])
+        return project(h, self.down[...])

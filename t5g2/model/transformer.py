@@ -17,7 +17,7 @@ from flax import nnx, struct
 
 from t5g2.model.attention import Attention, MaskSpec, decoder_window, encoder_window
 from t5g2.model.config import ModelConfig, StackConfig
-from t5g2.model.layers import MLP, Embedder, RMSNorm, default_init, param
+from t5g2.model.layers import MLP, Embedder, RMSNorm, default_init, param, project
 from t5g2.model.rope import rope_tables
 from t5g2.sharding import constrain
 
@@ -299,7 +299,7 @@ class T5Gemma2(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         table = self.embed.table if self.config.tie_embeddings else self.lm_head
-        logits = jnp.einsum("btd,vd->btv", hidden, table[...].astype(hidden.dtype))
+        logits = project(hidden, table[...], transpose_w=True)
         cap = self.config.final_logit_softcap
         if cap is not None:
             logits = cap * jnp.tanh(logits / cap)
