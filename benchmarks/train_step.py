@@ -16,7 +16,7 @@ What is measured, per side:
 * the first step's loss on both sides (same weights, same batch: equal up to float32 noise), so
   the model's compute dtype is forced to float32 unless `--keep_dtype`;
 * model FLOPs from `t5g2.model.flops.train_flops` (useful: visible query/key pairs only, the MFU
-  convention; dense: every pair, what both implementations actually compute), MFU against a
+  convention; dense: every pair, what the reference computes), MFU against a
   float32 square matmul measured on the spot by each framework (`measure_matmul_peak`'s method,
   the same loop in torch), before and after each run, the larger used: a measurement can only
   come out too low, e.g. when something else runs on the machine (the load average is reported
@@ -491,7 +491,8 @@ def run(config: ml_collections.ConfigDict, *, batch: int = 8, encoder_length: in
         environment=environment(),
         model_flops_per_step=flops["useful"], dense_flops_per_step=flops["dense"],
         flops_note=("t5g2.model.flops.train_flops x batch: useful = visible query/key pairs only "
-                    "(MFU convention), dense = every pair, as both implementations compute"),
+                    "(MFU convention), dense = every pair, as the reference computes (t5g2's "
+                    "banded local attention skips keys outside the window)"),
         matmul_peak=dict(size=peak_size, dtype="float32",
                          method="best of 10 square size x size matmuls after a warm-up "
                                 "(t5g2.train.peak.measure_matmul_peak; the same loop in torch), "

@@ -20,9 +20,11 @@ pairs count: local encoder layers see their two-sided window of W keys ((W+1)//2
 W // 2 right, clipped at the sequence edges), global encoder layers all S keys; the decoder's own
 keys are causal (and windowed to W keys on local layers); encoder keys (merged or separate cross
 attention) are all visible. With `useful_only=False` every query is counted against every key, as
-the dense `dot_product_attention` computes: S*S per encoder layer, T*(T+S) per merged decoder
-layer, T*T + T*S with a separate cross block. The dense count is what XLA's own cost analysis
-reports for the forward (tests/test_flops.py checks that), the useful count is the one for MFU.
+a dense attention computes (the reference does; `dot_product_attention` does too while a
+sequence is shorter than its band, and skips out-of-window keys beyond): S*S per encoder layer,
+T*(T+S) per merged decoder layer, T*T + T*S with a separate cross block. The dense count is what
+XLA's own cost analysis reports for an unbanded forward (tests/test_flops.py checks that), the
+useful count is the one for MFU.
 
 All counts are for one example with every token valid and one segment. Every term is linear in
 the tokens or counts pairs within a segment, so a packed row's count is the sum of its segments'
