@@ -297,6 +297,8 @@ def test_presets():
                                              ("span", 32, .15, "[X]"), ("span", 32, .5, "[X]")]
     assert t5g2.denoisers[4].prefix_split == "t5gemma2" and t5g2.denoisers[4].noise_density == .75
     assert t5g2.weights == (1, 1, 1, 1, 4)
+    assert Denoiser("S", "prefix").noise_density == .75  # the default fraction depends on kind
+    assert Denoiser("R", "span").noise_density == .15
     ul2 = MIXTURES["ul2"]
     assert [(d.mean_span_length, d.noise_density) for d in ul2.denoisers[:6]] == [
         (3, .15), (8, .15), (3, .5), (8, .5), (64, .15), (64, .5)]

@@ -17,7 +17,7 @@ length the helper picks always fills the inputs exactly as computed.
 Prefix denoisers ("prefix"), the S denoiser:
 * `prefix_split="t5gemma2"` (T5Gemma 2's S, mu=3L/4, r=.75, n=1): the last round(L*r) tokens are
   one noise span, so inputs = [mode] prefix sentinel_0 EOS and targets = sentinel_0 suffix EOS;
-  `noise_density` is the target fraction (0.75 in the preset).
+  `noise_density` is the target fraction (default 0.75).
 * `prefix_split="random"` (T5's `prefix_lm`, as in the UL2 paper's appendix code): the split point
   is uniform in [1, L-1]; inputs = [mode] prefix EOS, targets = suffix EOS, no sentinel.
   `noise_density` and `mean_span_length` are not used.
@@ -58,12 +58,15 @@ class Denoiser:
     name: str                       # "R1", "X2", "S", ...
     kind: str                       # "span" | "prefix"
     mean_span_length: float = 3.0   # span kind: mu
-    noise_density: float = 0.15     # span kind: r; prefix/t5gemma2: the target fraction
+    noise_density: float | None = None  # span: r (default .15); prefix/t5gemma2: the target
+                                        # fraction (default .75, T5Gemma 2's)
     mode_token: str | None = None   # prepended to the inputs when not None (and its id is given)
     prefix_split: str = "t5gemma2"  # prefix kind: "t5gemma2" | "random"
 
     def __post_init__(self):
         where = f"denoiser {self.name!r}"
+        if self.noise_density is None:
+            object.__setattr__(self, "noise_density", 0.75 if self.kind == "prefix" else 0.15)
         if not isinstance(self.name, str) or not self.name:
             raise DenoiserError(f"denoiser name={self.name!r} must be a non-empty string")
         if self.kind not in KINDS:
@@ -171,7 +174,6 @@ def mixture_from_config(cfg: Any) -> Mixture:
     `cfg` is a Mixture; a preset name ("t5gemma2", "ul2"); a mapping {"preset": name,
     "mode_tokens": "ul2" or {old: new}}; or a list of dicts (or ConfigDicts) with the keys
     name, kind, mean_span_length, noise_density, mode_token, weight (default 1), prefix_split.
-    A prefix entry without noise_density gets 0.75 (T5Gemma 2's target fraction).
     Errors name the entry and the field.
     """
     if isinstance(cfg, Mixture):
@@ -240,8 +242,6 @@ def _entry(i: int, entry) -> tuple[Denoiser, float]:
     weight = fields.pop("weight", 1.0)
     if not _is_number(weight) or not 0 < weight < math.inf:
         raise DenoiserError(f"{label}: weight={weight!r} must be a positive finite number")
-    if fields["kind"] == "prefix":
-        fields.setdefault("noise_density", 0.75)
     try:
         return Denoiser(**fields), float(weight)
     except DenoiserError as e:
@@ -313,9 +313,10 @@ def raw_length(denoiser: Denoiser, inputs_length: int, targets_length: int) -> i
     """Raw tokens one example takes so its inputs (mode token and EOS included) fill
     `inputs_length`; DenoiserError if its targets would not fit `targets_length`.
 
-    Span denoisers: `random_spans_helper` at inputs_length minus the mode token. Prefix
-    denoisers: the largest L whose inputs and targets both fit (for the random split, whatever
-    the split point).
+    Span denoisers: `random_spans_helper` at inputs_length minus the mode token, so the inputs
+    are exactly inputs_length long (one less where T5's density-0.5 rule lowered the chunk by a
+    token to keep targets <= inputs). Prefix denoisers: the largest L whose inputs and targets
+    both fit (for the random split, whatever the split point).
     """
     for name, value in (("inputs_length", inputs_length), ("targets_length", targets_length)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
