@@ -5,6 +5,8 @@ Sections: `model` (t5g2.model.ModelConfig), `train` (t5g2.train.config.TrainConf
 line, e.g. `--config.model.cross_attention=separate --config.mesh.fsdp=8`.
 """
 
+import dataclasses
+
 import ml_collections
 
 
@@ -49,6 +51,27 @@ def mesh(*, data=-1, fsdp=1, tensor=1):
                                           dcn_fsdp=1, dcn_tensor=1))
 
 
+def data(source: str = "ul2"):
+    """The batch source. "ul2": the UL2 pipeline, `data.ul2` = t5g2.data.pipeline.PipelineConfig
+    less the fields the train config and seed set (lengths, global batch, seed); by default the
+    embedded corpus and a sentencepiece model trained on it at first use. "synthetic": a copy
+    task; `distinct_batches=k` cycles through k batches (0: a new batch every step)."""
+    from t5g2.data.pipeline import PipelineConfig
+
+    set_elsewhere = {"encoder_length", "decoder_length", "batch_size", "seed"}
+    ul2 = {}
+    for field in dataclasses.fields(PipelineConfig):
+        if field.name in set_elsewhere:
+            continue
+        default = field.default
+        if default is None or field.name == "mixture":  # optional, or a name or a list
+            kind = {"str": str, "int": int, "tup": tuple}.get(str(field.type)[:3], object)
+            default = ml_collections.FieldReference(default, field_type=kind)
+        ul2[field.name] = default
+    return ml_collections.ConfigDict(dict(source=source, distinct_batches=0,
+                                          ul2=ml_collections.ConfigDict(ul2)))
+
+
 def config(model_cfg, train_cfg, mesh_cfg, *, name):
     cfg = ml_collections.ConfigDict()
     cfg.name = name
@@ -56,9 +79,7 @@ def config(model_cfg, train_cfg, mesh_cfg, *, name):
     cfg.model = model_cfg
     cfg.train = train_cfg
     cfg.mesh = mesh_cfg
-    # Until the UL2 pipeline lands: a synthetic copy task; distinct_batches=k cycles through k
-    # batches (0: a new batch every step).
-    cfg.data = ml_collections.ConfigDict(dict(source="synthetic", distinct_batches=0))
+    cfg.data = data()
     # Peak FLOP/s of one device for MFU; None: the device kind's published bf16 peak, or on
     # CPU a matmul measured at start.
     cfg.peak_flops_per_device = ml_collections.FieldReference(None, field_type=float)

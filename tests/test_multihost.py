@@ -23,8 +23,10 @@ TIMEOUT_S = 240
 TRAIN_FLAGS = (
     "--config", "configs/tiny.py",
     "--config.train.steps=3", "--config.train.log_every=1",
+    "--config.train.encoder_length=32", "--config.train.decoder_length=16",
     "--config.model.encoder.num_layers=2", "--config.model.decoder.num_layers=2",  # compiles fast
-    "--config.data.distinct_batches=0",  # a new batch every step: every step checks the rows
+    # The copy task: its global batch is the same for any process count, so losses compare.
+    "--config.data.source=synthetic", "--config.data.distinct_batches=0",
     "--config.peak_flops_per_device=1e9",  # no matmul measurement at start
 )
 # Variables that would make a subprocess believe it is part of some other cluster.

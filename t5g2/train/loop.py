@@ -15,6 +15,7 @@ import jax
 import ml_collections
 
 from t5g2 import sharding
+from t5g2.configlib import ConfigError
 from t5g2.data.synthetic import SyntheticCopySource
 from t5g2.model import ModelConfig
 from t5g2.model.flops import train_flops
@@ -29,18 +30,63 @@ from t5g2.train.step import make_train_step
 log = logging.getLogger(__name__)
 
 
+SOURCES = ("synthetic", "ul2")
+
+
 def make_source(config: ml_collections.ConfigDict, model_cfg: ModelConfig,
                 train_cfg: TrainConfig):
+    """The batch source `config.data.source` names, feeding this process its rows.
+
+    "ul2": the UL2 mixture-of-denoisers pipeline (t5g2.data.pipeline) with `config.data.ul2`;
+    lengths, global batch and seed come from the train config and `config.seed`, so they are
+    set in one place. "synthetic": a copy task for smoke and sharding tests.
+    """
     source = config.data.source
-    if source != "synthetic":
-        raise ValueError(f"data.source={source!r} is unknown; valid: synthetic (the UL2 "
-                         "pipeline plugs in here)")
-    return SyntheticCopySource(
-        global_batch_size=train_cfg.batch_size, encoder_length=train_cfg.encoder_length,
-        decoder_length=train_cfg.decoder_length, vocab_size=model_cfg.vocab_size,
-        seed=config.seed, process_index=jax.process_index(),
-        process_count=jax.process_count(), bos_id=model_cfg.bos_id,
-        distinct_batches=config.data.get("distinct_batches", 0))
+    if source == "ul2":
+        return _ul2_source(config, model_cfg, train_cfg)
+    if source == "synthetic":
+        return SyntheticCopySource(
+            global_batch_size=train_cfg.batch_size, encoder_length=train_cfg.encoder_length,
+            decoder_length=train_cfg.decoder_length, vocab_size=model_cfg.vocab_size,
+            seed=config.seed, process_index=jax.process_index(),
+            process_count=jax.process_count(), bos_id=model_cfg.bos_id,
+            distinct_batches=config.data.get("distinct_batches", 0))
+    raise ConfigError(f"data.source={source!r} is unknown; valid: {', '.join(SOURCES)}")
+
+
+def _ul2_source(config, model_cfg: ModelConfig, train_cfg: TrainConfig):
+    from t5g2.data.pipeline import PipelineConfig, Ul2Source
+
+    settings = dict(config.data.get("ul2", {}))
+    taken = {"encoder_length", "decoder_length", "batch_size", "seed"} & set(settings)
+    if taken:
+        raise ConfigError(f"data.ul2.{sorted(taken)[0]} is set by train.* / seed; remove it")
+    pipeline_cfg = PipelineConfig.from_mapping(dict(
+        settings, encoder_length=train_cfg.encoder_length,
+        decoder_length=train_cfg.decoder_length, batch_size=train_cfg.batch_size,
+        seed=config.seed))
+    source = Ul2Source(pipeline_cfg)
+    check_vocabulary_fits_model(source.vocab, model_cfg)
+    if model_cfg.bos_id != source.vocab.bos_id:
+        raise ConfigError(f"model.bos_id={model_cfg.bos_id} but the vocabulary's BOS (the "
+                          f"decoder start id) is {source.vocab.bos_id}")
+    return source
+
+
+def check_vocabulary_fits_model(vocab, model_cfg: ModelConfig) -> None:
+    """Every id the pipeline emits must index the model's table, and a trained vocabulary's
+    text ids must not collide with the model's EOI / image placeholder ids."""
+    if vocab.size > model_cfg.vocab_size:
+        raise ConfigError(f"the vocabulary has {vocab.size} ids (sentencepiece {vocab.sp_size} +"
+                          f" {vocab.extra_ids} sentinels) but model.vocab_size="
+                          f"{model_cfg.vocab_size}; shrink data.ul2.vocab_size or the "
+                          "sentinel count")
+    if vocab.extra_ids:  # a generic model: its ids are text; the special ids must lie above
+        for name in ("eoi_token_id", "image_token_id"):
+            value = getattr(model_cfg, name)
+            if value is not None and 0 <= value < vocab.size:
+                raise ConfigError(f"model.{name}={value} is an ordinary id of the {vocab.size}-id"
+                                  " vocabulary; use an id >= the vocabulary size")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -56,7 +102,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     shardings = state_shardings(model_cfg, tx, mesh)
     state = init_train_state(model_cfg, tx, mesh, config.seed)
     step_fn = make_train_step(model_cfg, train_cfg, tx, schedule, mesh, shardings)
-    batches = iter(make_source(config, model_cfg, train_cfg))
+    source = make_source(config, model_cfg, train_cfg)
+    batches = iter(source)
 
     peak, peak_origin = peak_flops_per_device(config.peak_flops_per_device)
     step_flops = train_cfg.batch_size * train_flops(model_cfg, train_cfg.encoder_length,
@@ -72,20 +119,33 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     timer = StepTimer(tokens_per_step=step_tokens, flops_per_step=step_flops,
                       peak_flops_per_s=peak * mesh.size)
     metrics: dict[str, float] = {}
-    with MetricsWriter(workdir, process_index=jax.process_index(),
-                       total_steps=train_cfg.steps) as writer:
-        for step in range(1, train_cfg.steps + 1):
-            batch = sharding.global_batch_from_host(next(batches), mesh)
-            state, step_metrics = step_fn(state, batch)
-            if step == 1:  # throughput windows start after the first (compiling) step
-                jax.block_until_ready(step_metrics)
-                timer.start(step)
-            if step % train_cfg.log_every and step != train_cfg.steps:
-                continue
-            metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-            metrics.update(timer.measure(step))
-            writer.write(step, metrics)
+    try:
+        with MetricsWriter(workdir, process_index=jax.process_index(),
+                           total_steps=train_cfg.steps) as writer:
+            for step in range(1, train_cfg.steps + 1):
+                host_batch = next(batches)
+                batch = sharding.global_batch_from_host(host_batch, mesh)
+                state, step_metrics = step_fn(state, batch)
+                if step == 1:  # throughput windows start after the first (compiling) step
+                    jax.block_until_ready(step_metrics)
+                    timer.start(step)
+                if step % train_cfg.log_every and step != train_cfg.steps:
+                    continue
+                metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                metrics.update(timer.measure(step))
+                metrics.update(batch_fill(host_batch))
+                writer.write(step, metrics)
+    finally:
+        if hasattr(source, "close"):
+            source.close()
     return metrics
+
+
+def batch_fill(batch: dict[str, Any]) -> dict[str, float]:
+    """Fractions of this host's encoder / decoder positions holding tokens (not padding):
+    tokens/s and MFU count every position, these say how many of them were real."""
+    return {f"{side}_fill": float((batch[f"{side}_segment_ids"] > 0).mean())
+            for side in ("encoder", "decoder")}
 
 
 def summary(metrics: dict[str, Any]) -> str:
