@@ -23,16 +23,6 @@ VOCAB_SIZE = 512
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("t5g2-cache"))
-
-
-@pytest.fixture(scope="module")
-def documents(cache_dir):
-    return open_documents("embedded", cache_dir=cache_dir)
-
-
-@pytest.fixture(scope="module")
 def short_documents(documents, tmp_path_factory):
     """Paragraphs as documents (~20-150 tokens, like a chunk): chunks often span several."""
     paragraphs = [line for doc in documents[:40] for line in doc.split("\n")]

@@ -26,11 +26,6 @@ NUM_DOCUMENTS = 24
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("t5g2-cache"))
-
-
-@pytest.fixture(scope="module")
 def vocab(cache_dir):
     needed = max(spans_needed(d, **LENGTHS) for d in MIXTURE.denoisers)
     return default_vocabulary(vocab_size=512, num_sentinels=needed, cache_dir=cache_dir)

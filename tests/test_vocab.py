@@ -18,16 +18,6 @@ GEMMA_UNUSED = 300
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("t5g2-cache"))
-
-
-@pytest.fixture(scope="module")
-def documents(cache_dir):
-    return open_documents("embedded", cache_dir=cache_dir)
-
-
-@pytest.fixture(scope="module")
 def training_texts(documents):
     """The first ~300 KB of the corpus; the rest is held-out text for the round trips."""
     texts, size = [], 0

@@ -106,13 +106,22 @@ class _Problems:
             self.examples.append(message)
 
 
+def _utf8(data: bytes, problems: _Problems, path: str, where: str,
+          unit: str = "offset") -> str | None:
+    """`data` decoded as UTF-8, or None after reporting the first bad byte and where it is."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        place = e.start if unit == "offset" else e.start + 1
+        problems("non_utf8", path, where,
+                 f"not valid UTF-8 (byte 0x{data[e.start]:02x} at {unit} {place})")
+        return None
+
+
 def _decoded(data: bytes, problems: _Problems, path: str, where: str) -> str | None:
     """`data` as UTF-8 text that is not only whitespace, or None after reporting the problem."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        problems("non_utf8", path, where,
-                 f"not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})")
+    text = _utf8(data, problems, path, where)
+    if text is None:
         return None
     if not text.strip():
         problems("empty", path, where, "empty document (only whitespace)")
@@ -217,11 +226,8 @@ def _scan_jsonl(path: str, problems: _Problems, field: str):
 
 
 def _jsonl_text(line: bytes, field: str, problems: _Problems, path: str, where: str):
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError as e:
-        problems("non_utf8", path, where,
-                 f"not valid UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})")
+    text = _utf8(line, problems, path, where, unit="column")
+    if text is None:
         return None
     try:
         record = json.loads(text)
