@@ -22,7 +22,7 @@ import pytest
 from flax import nnx
 from jax.extend import core as jcore
 
-from t5g2.model import ModelConfig, T5Gemma2
+from t5g2.model import ModelConfig, T5Gemma2, attention
 from t5g2.model.attention import MaskSpec, decoder_window, encoder_window
 from t5g2.model.flops import (decoder_self_pairs, encoder_pairs, forward_flops, train_flops,
                               window_pairs)
@@ -73,22 +73,37 @@ def test_dense_count_equals_traced_matmuls(cross_attention, tie):
     assert forward_flops(cfg, 24, 16, useful_only=False)["total"] == traced
 
 
-@pytest.mark.parametrize("cross_attention", MODES)
-@pytest.mark.parametrize("tie", [True, False])
-def test_dense_count_agrees_with_xla_cost_analysis(cross_attention, tie):
-    # 7 layers: one scanned period (trip count 1) holding the global layer, one unscanned tail.
-    cfg = tiny_config(cross_attention=cross_attention, tie_embeddings=tie, num_layers=7,
-                      d_model=256, ffn_dim=256, head_dim=256)
-    enc_len, dec_len = 128, 96
+def _xla_flops(cfg, enc_len, dec_len) -> float:
     forward, args = _forward_fn(cfg, enc_len, dec_len)
     cost = jax.jit(forward).lower(*args).compile().cost_analysis()
     if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
         cost = cost[0]
-    xla = cost["flops"]
+    return cost["flops"]
+
+
+@pytest.mark.parametrize("cross_attention", MODES)
+@pytest.mark.parametrize("tie", [True, False])
+def test_dense_count_agrees_with_xla_cost_analysis(cross_attention, tie, monkeypatch):
+    monkeypatch.setattr(attention, "MIN_BAND_BLOCK", 10**9)  # dense: every key of every query
+    # 7 layers: one scanned period (trip count 1) holding the global layer, one unscanned tail.
+    cfg = tiny_config(cross_attention=cross_attention, tie_embeddings=tie, num_layers=7,
+                      d_model=256, ffn_dim=256, head_dim=256)
+    enc_len, dec_len = 128, 96
+    xla = _xla_flops(cfg, enc_len, dec_len)
     dense = forward_flops(cfg, enc_len, dec_len, useful_only=False)["total"]
     useful = forward_flops(cfg, enc_len, dec_len)["total"]
     assert 1.0 <= xla / dense <= 1.03, xla / dense
     assert xla / useful > 1.10  # the check tells the two counts apart (window 8 << lengths)
+
+
+def test_banded_local_attention_computes_less_than_dense():
+    # Encoder 512 keys, window 8: local layers score 64-query blocks against 71 keys, not 512.
+    cfg = tiny_config(num_layers=7, d_model=256, ffn_dim=256, head_dim=256)
+    enc_len, dec_len = 512, 256
+    xla = _xla_flops(cfg, enc_len, dec_len)
+    dense = forward_flops(cfg, enc_len, dec_len, useful_only=False)["total"]
+    useful = forward_flops(cfg, enc_len, dec_len)["total"]
+    assert useful < xla < 0.8 * dense, (useful, xla, dense)
 
 
 def test_window_pairs_by_hand():
