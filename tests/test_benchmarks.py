@@ -41,3 +41,20 @@ def test_separate_cross_attention_skips_the_reference():
                          peak_size=64, isolate=False)
     assert "skipped" in out["hf"] and "comparison" not in out
     assert out["t5g2"]["tokens_per_s"] > 0
+
+
+def test_data_pipeline_benchmark_reports_both_pipelines(capsys, cache_dir):
+    from benchmarks import data_pipeline
+
+    result = data_pipeline.main(["--encoder_length", "64", "--decoder_length", "64", "--batch",
+                                 "2", "--batches", "2", "--warmup", "1", "--vocab_size", "512",
+                                 "--cache_dir", cache_dir])
+    assert json.loads(capsys.readouterr().out) == result  # one JSON object on stdout
+    for side in ("t5g2_grain", "seqio_tensorflow"):
+        for window in ("steady", "whole_run"):
+            rates = result[side][window]
+            assert rates["examples_per_s"] > 0 and rates["real_tokens_per_cpu_s"] > 0, side
+            assert 0 < rates["encoder_fill"] <= 1 and 0 < rates["decoder_fill"] <= 1
+    assert result["t5g2_grain"]["steady"]["raw_text_tokens_per_s"] > 0
+    assert 0 < result["cores_needed"] < float("inf")
+    assert set(result["ratios_t5g2_over_seqio"]) == {"whole_run", "steady"}
