@@ -81,3 +81,30 @@ def test_band_covers_exactly_the_window_reach():
     for c in range(5):
         want = [i + 1 if 0 <= i < 23 else 0 for i in range(5 * c - 3, 5 * c + 9)]
         assert bands[0, c].tolist() == want
+
+
+def test_bfloat16_gradients_stay_within_bfloat16_rounding(monkeypatch):
+    """The hand-written backward in bf16 against the float32 naive softmax's gradients."""
+    monkeypatch.setattr(attention, "MIN_BAND_BLOCK", 10)
+    rng = np.random.default_rng(1)
+    b, t, s, n, kh, h = 2, 40, 17, 4, 2, 16
+    q, k, v, ck, cv = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in
+                       [(b, t, n, h), (b, t, kh, h), (b, t, kh, h), (b, s, kh, h), (b, s, kh, h)])
+    pos, seg = _packed(rng, b, t, 2)
+    enc_pos, enc_seg = _packed(rng, b, s, 2)
+    self_mask = MaskSpec(pos, seg, pos, seg, causal=True, window=decoder_window(9))
+    cross_mask = MaskSpec(pos, seg, enc_pos, enc_seg)
+    weights = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32) * (seg > 0)[..., None, None]
+
+    def loss(fn, *args):
+        q, k, v, ck, cv = args
+        return jnp.sum(fn(q, [(k, v, self_mask), (ck, cv, cross_mask)]).astype(jnp.float32)
+                       * weights)
+
+    args = (q, k, v, ck, cv)
+    ref = jax.grad(lambda *a: loss(lambda q, p: _naive(q, p, 0.25), *a), argnums=range(5))(*args)
+    ours = jax.grad(lambda *a: loss(lambda q, p: dot_product_attention(q, p, 0.25), *a),
+                    argnums=range(5))(*(x.astype(jnp.bfloat16) for x in args))
+    for a, r in zip(ours, ref):
+        a, r = np.asarray(a.astype(jnp.float32)), np.asarray(r)
+        assert np.abs(a - r).max() <= 0.05 * np.abs(r).max(), np.abs(a - r).max() / np.abs(r).max()

@@ -147,41 +147,76 @@ def _arrange_part(k, v, mask: MaskSpec, t: int, block: int, blocks: int):
 
 
 def _attend(q, q_fields, parts, masks: Sequence[MaskSpec], scale: float) -> jax.Array:
-    """Blocked queries q [B, nb, C, N, H] against the arranged parts -> [B, nb, C, N, H].
-
-    One softmax over all parts, computed part by part (no concatenated scores, no sliced
-    probabilities): a shared max, exp per part, one total weight, then the sum of the parts'
-    P·V accumulated in float32. Layouts put the dot's batch axes first, so XLA inserts no transposes
-    of score-sized arrays.
-    """
+    """Blocked queries q [B, nb, C, N, H] against the arranged parts -> [B, nb, C, N, H]."""
     b, nb, c, n, h = q.shape
     kv_heads = parts[0][0].shape[-2]
     q = q.reshape(b, nb, c, kv_heads, n // kv_heads, h).transpose(0, 3, 1, 2, 4, 5)  # bkncgh
-    scores = []
-    for (k, _, kv_pos, kv_seg, banded), mask, (q_pos, q_seg) in zip(parts, masks, q_fields):
-        if banded:
-            s = jnp.einsum("bkncgh,bnskh->bkncgs", q, k)
-            kv_pos, kv_seg = kv_pos[:, :, None, :], kv_seg[:, :, None, :]
-        else:
-            s = jnp.einsum("bkncgh,bskh->bkncgs", q, k)
-            kv_pos, kv_seg = kv_pos[:, None, None, :], kv_seg[:, None, None, :]
+    biases = []
+    for (_, _, kv_pos, kv_seg, banded), mask, (q_pos, q_seg) in zip(parts, masks, q_fields):
+        kv_pos, kv_seg = ((kv_pos[:, :, None, :], kv_seg[:, :, None, :]) if banded else
+                          (kv_pos[:, None, None, :], kv_seg[:, None, None, :]))
         visible = mask.visible(q_pos[..., None], q_seg[..., None], kv_pos, kv_seg)  # bncs
+        biases.append(jnp.where(visible, 0.0, MASKED).astype(jnp.float32))
+    out = _softmax_attention(tuple(p[4] for p in parts), scale, q, tuple(p[0] for p in parts),
+                             tuple(p[1] for p in parts), tuple(biases))
+    return out.transpose(0, 2, 3, 1, 4, 5).reshape(b, nb, c, n, h)
+
+
+def _specs(banded: bool) -> tuple[str, str]:
+    """(q·k -> scores, probs·v -> out) einsums; batch axes first, so no score-sized transposes."""
+    if banded:
+        return "bkncgh,bnskh->bkncgs", "bkncgs,bnskh->bkncgh"
+    return "bkncgh,bskh->bkncgs", "bkncgs,bskh->bkncgh"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _softmax_attention(banded, scale, q, ks, vs, biases):
+    """softmax(q·k·scale + bias) · v over all parts under one softmax, q [b,k,n,c,g,h].
+
+    Computed part by part (no concatenated scores, no sliced probabilities): a shared max, exp
+    per part, one total, probabilities rounded to the compute dtype before P·V (as the
+    reference rounds them), the parts' P·V summed in float32. The backward is FlashAttention's
+    (dS = P ∘ (dP − rowsum(dO ∘ O))): no reduction over keys, which XLA:CPU runs slowly.
+    """
+    return _softmax_attention_fwd(banded, scale, q, ks, vs, biases)[0]
+
+
+def _softmax_attention_fwd(banded, scale, q, ks, vs, biases):
+    scores = []
+    for k, bias, band in zip(ks, biases, banded):
+        s = jnp.einsum(_specs(band)[0], q, k)
         # Scale by the unrounded scalar, round to the compute dtype once (as the reference
-        # does), then hide keys with an additive bias (a select would save a mask residual).
+        # does), then hide keys with an additive bias.
         s = (s.astype(jnp.float32) * scale).astype(q.dtype).astype(jnp.float32)
-        scores.append(s + jnp.where(visible, 0.0, MASKED)[:, None, :, :, None, :])
-    top = jax.lax.stop_gradient(
-        functools.reduce(jnp.maximum, [s.max(axis=-1, keepdims=True) for s in scores]))
+        scores.append(s + bias[:, None, :, :, None, :])
+    top = functools.reduce(jnp.maximum, [s.max(axis=-1, keepdims=True) for s in scores])
     weights = [jnp.exp(s - top) for s in scores]
     total = sum(w.sum(axis=-1, keepdims=True) for w in weights)
-    out = 0.0
-    for w, (_, v, _, _, banded) in zip(weights, parts):
-        # Probabilities rounded to the compute dtype before P·V, as the reference rounds them.
-        probs = (w / total).astype(v.dtype)
-        spec = "bkncgs,bnskh->bkncgh" if banded else "bkncgs,bskh->bkncgh"
-        out = out + jnp.einsum(spec, probs, v, preferred_element_type=jnp.float32)
-    out = out.astype(parts[0][1].dtype)
-    return out.transpose(0, 2, 3, 1, 4, 5).reshape(b, nb, c, n, h)
+    probs = tuple((w / total).astype(v.dtype) for w, v in zip(weights, vs))
+    out = sum(jnp.einsum(_specs(band)[1], p, v, preferred_element_type=jnp.float32)
+              for p, v, band in zip(probs, vs, banded)).astype(vs[0].dtype)
+    return out, (q, ks, vs, biases, probs, out)
+
+
+def _softmax_attention_bwd(banded, scale, residuals, d_out):
+    q, ks, vs, biases, probs, out = residuals
+    f32 = jnp.float32
+    row = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1, keepdims=True)  # bkncg1
+    dq, dks, dvs = 0.0, [], []
+    for k, v, p, band in zip(ks, vs, probs, banded):
+        score_spec, out_spec = _specs(band)
+        kv_in = score_spec.split("->")[0].split(",")[1]
+        dvs.append(jnp.einsum(f"bkncgs,bkncgh->{kv_in}", p, d_out.astype(v.dtype)))
+        dp = jnp.einsum(f"bkncgh,{kv_in}->bkncgs", d_out.astype(v.dtype), v,
+                        preferred_element_type=f32)
+        ds = (p.astype(f32) * (dp - row) * scale).astype(q.dtype)
+        dq = dq + jnp.einsum(f"bkncgs,{kv_in}->bkncgh", ds, k, preferred_element_type=f32)
+        dks.append(jnp.einsum(f"bkncgs,bkncgh->{kv_in}", ds, q).astype(k.dtype))
+    return (dq.astype(q.dtype), tuple(dks), tuple(x.astype(v.dtype) for x, v in zip(dvs, vs)),
+            tuple(jnp.zeros_like(b) for b in biases))
+
+
+_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
 def _attend_in_chunks(q, q_fields, parts, masks, scale, chunk_blocks: int) -> jax.Array:
