@@ -65,8 +65,8 @@ def decoder_window(window: int) -> tuple[int, int]:
 
 KVPart = tuple[jax.Array, jax.Array, MaskSpec]
 
-MIN_BAND_BLOCK = 64
-MASKED = -0.5 * float(jnp.finfo(jnp.float32).max)  # score bias of hidden keys: exp() gives 0  # query block of banded (sliding-window) attention, at least
+MIN_BAND_BLOCK = 64  # queries per block of banded (sliding-window) attention, at least
+MASKED = -0.5 * float(jnp.finfo(jnp.float32).max)  # score bias of hidden keys: exp() gives 0
 
 
 def dot_product_attention(q: jax.Array, parts: Sequence[KVPart], scale: float,
