@@ -1,27 +1,54 @@
 """UL2 input-pipeline throughput: t5g2's grain pipeline against the same span corruption run
-through seqio / TensorFlow, on the same text, vocabulary, mixture and lengths, in one run. Prints
-one JSON object. From the repository root:
+through seqio / TensorFlow, on the same text, vocabulary, mixture and lengths, in one process.
+Prints one JSON object (and `main` returns it). From the repository root:
 
-    python -m benchmarks.data_pipeline                      # 16384 / 16384, batch 4
-    python -m benchmarks.data_pipeline --workers 2 --encoder_length 2048 --decoder_length 2048
+    nice -n -15 python -m benchmarks.data_pipeline               # 16384 / 16384, batch 4
+    nice -n -15 python -m benchmarks.data_pipeline --workers 2 --batches 10
+    python -m benchmarks.data_pipeline --skip_seqio --encoder_length 2048 --decoder_length 2048
 
-What is measured, per side, after the vocabulary is trained and the corpus generated (not timed)
-and after `--warmup` batches (the first batch's latency is reported on its own):
-* `--batches` batches of `--batch` rows, wall time and CPU time (this process + its worker
-  children, `resource.getrusage`, so TensorFlow's and grain's threads and processes count), in
-  two windows: `whole_run` from the source's creation (set-up, graph building and prefetching
-  included: the fair comparison) and `steady` after the warm-up (inflated for a pipeline that
-  prefetched ahead in the meantime, as tf.data does);
-* examples/s (segments of both sides), output positions/s, real tokens/s (encoder + decoder
-  positions holding a token, i.e. not padding), fill fractions, raw text tokens/s (t5g2 only:
-  the pipeline counts what it consumed);
-* real tokens per CPU-second: the per-core rate, fair across the two sides whatever threads
-  each uses; `cores_needed` = `--consumer_tokens_per_s` / that rate (default 300K: a TPU v5p host
-  at 50% MFU on the 270M-270M model consumes about that many tokens/s), assuming the pipeline
-  scales linearly with worker processes, which a 2-core machine cannot verify.
-The seqio side: `t5g2.data.seqio_tasks.register_ul2_tasks` over the same corpus written one
-document per line, read by `SeqioSource` (seqio.get_dataset + EncDecFeatureConverter(pack=True)).
-Both sides call the same numpy denoiser; the pipelines around it differ (tf.data vs grain).
+The two sides:
+* t5g2: `Ul2Source` (grain: documents -> sentencepiece -> `DenoisedChunks` -> first-fit packing
+  -> batches) over the embedded corpus, with `--workers` tokenizing processes and
+  `--read_threads`;
+* seqio: `register_ul2_tasks` over the same corpus written to a text file, one document per line
+  (its line breaks replaced by spaces, the only change to the text), read through
+  `seqio.get_dataset` with tf.data's own thread pools.
+Both call the same numpy `denoise` with the same vocabulary ids; the machinery around it differs.
+
+How seqio is read. `SeqioSource` (`--seqio_pack`) packs with seqio's `trim_and_pack_dataset`,
+which pads max(encoder_length, decoder_length) examples into one batch and packs them in a
+tf.while_loop: at 16384 no batch comes before 16384 examples are denoised (and a [16384, 32768]
+int32 padded batch, 2 GiB, is built), then thousands of packed rows come at no cost. A
+20-batch window cannot measure that, so by default the seqio side is read unpacked
+(`EncDecFeatureConverter(pack=False)`, one example per row: same tasks, same examples), which at
+equal lengths loses nothing, since t5g2's packer puts one example per row there too (see
+`examples_per_row`); `seqio_packing` in the output gives SeqioSource's first-batch cost as an
+estimate. seqio also shuffles examples through a 1000-example buffer per task by default (t5x's
+setting: five tasks, 5000 examples denoised before the first batch); that changes when the work
+is done, not how much each batch costs, so it is off unless `--seqio_shuffle`. t5g2 shuffles
+documents by index, which costs nothing per batch.
+
+Not timed: corpus generation, vocabulary training, writing seqio's text file, importing
+TensorFlow/seqio (`import_s`, 0 when already imported). Then, per side:
+* `first_batch_s`: from creating the source (seqio: registering the tasks) to the first batch;
+* `--warmup` more batches, then `--batches` timed batches: the `steady` window, the headline
+  figures. `whole_run` counts every batch from the source's creation (set-up included).
+Per window: wall time; batches/s; examples/s (decoder segments); output positions/s (encoder +
+decoder, padding included); real tokens/s (positions holding a token); fill fractions; raw text
+tokens/s (the text tokens the examples were made from, counted from the batches: real tokens
+minus sentinels, mode tokens and the two EOS `denoise` appends; for t5g2 also
+`Ul2Source.consumed()`'s counters, as a cross-check); CPU seconds and real tokens per CPU-second.
+CPU time = this process (`time.process_time()`: every thread, so tf.data's and grain's threads
+count) + children already waited for (`os.times()`) + descendants still alive (utime + stime +
+cutime + cstime from /proc/<pid>/stat: grain's worker processes; `getrusage(RUSAGE_CHILDREN)`
+alone would miss them, since they run until the source is closed). Counting a batch (a few
+vectorised numpy reductions) is in both sides' figures.
+
+`cores_needed` = `--consumer_tokens_per_s` (default 300K: a TPU v5p host at 50% MFU on the
+270M-270M model consumes on the order of that) / t5g2's steady real tokens per CPU-second,
+assuming the pipeline scales linearly over worker processes (a 2-core machine cannot check
+that). If the consumer's rate counts padded positions, `cores_needed_if_consumer_counts_positions`
+divides by positions per CPU-second instead.
 """
 
 from __future__ import annotations
@@ -30,168 +57,434 @@ import argparse
 import json
 import os
 import platform
-import resource
+import sys
 import tempfile
 import time
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from t5g2.data.denoisers import mixture_from_config
+from t5g2.data.denoisers import Mixture, mixture_from_config
 from t5g2.data.pipeline import PipelineConfig, Ul2Source, open_vocabulary
 from t5g2.data.sources import open_documents
+from t5g2.data.vocab import Vocabulary
+
+DEFAULT_CONSUMER_TOKENS_PER_S = 300_000.0
 
 
-def cpu_seconds() -> float:
-    """CPU time of this process and its terminated or waited-for children, all threads."""
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+# --------------------------------------------------------------------------- CPU time
+
+def _live_descendants_cpu_s(root: int) -> float:
+    """utime + stime + cutime + cstime of every live descendant of `root` (Linux /proc; 0
+    elsewhere). A child's reaped children are in its cutime/cstime, so the sum stays whole."""
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return 0.0
+    parent, ticks = {}, {}
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                data = f.read()
+        except OSError:  # exited meanwhile
+            continue
+        fields = data[data.rindex(b")") + 2:].split()  # fields[0] is field 3 (state)
+        pid = int(name)
+        parent[pid] = int(fields[1])
+        ticks[pid] = sum(int(x) for x in fields[11:15])  # fields 14-17
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parent.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0, list(children.get(root, ()))
+    while todo:
+        pid = todo.pop()
+        total += ticks[pid]
+        todo.extend(children.get(pid, ()))
+    return total / os.sysconf("SC_CLK_TCK")
 
 
-def measure(batches: Iterator[dict[str, np.ndarray]], warmup: int, count: int,
-            consumed: Callable[[], dict[str, int]] | None = None,
-            started: tuple[float, float] | None = None) -> dict[str, Any]:
-    """Times `count` batches after `warmup`. Two windows: `steady` (after the warm-up; inflated
-    when the pipeline had prefetched ahead) and `whole_run` (from `started` = (wall, cpu) at the
-    source's creation, every batch including the first: set-up and prefetching included)."""
-    wall_start, cpu_start = started or (time.perf_counter(), cpu_seconds())
-    first = _count(next(batches))
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds so far: this process (all threads) and its children (reaped or alive)."""
+    times = os.times()
+    own = time.process_time()
+    children = (times.children_user + times.children_system
+                + _live_descendants_cpu_s(os.getpid()))
+    return dict(own=own, children=children, total=own + children)
+
+
+# --------------------------------------------------------------------------- counting
+
+COUNT_FIELDS = ("batches", "rows", "examples", "encoder_real", "decoder_real",
+                "encoder_positions", "decoder_positions", "raw_text_tokens")
+
+
+class BatchCounter:
+    """Per-batch counts (COUNT_FIELDS) from the batch contract.
+
+    Raw text tokens of an example = its real tokens - its sentinels - its mode token - the EOS
+    `denoise` appends to the inputs and to the targets (EOS inside the raw text, the document
+    separators, are raw tokens and stay counted).
+    """
+
+    def __init__(self, vocab: Vocabulary, mixture: Mixture):
+        self.sentinels = np.asarray(vocab.sentinel_ids, np.int32)
+        self.modes = np.asarray(sorted({vocab.mode_id(d.mode_token) for d in mixture.denoisers
+                                        if d.mode_token is not None}), np.int32)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        enc, dec = batch["encoder_input_tokens"], batch["decoder_target_tokens"]
+        enc_real, dec_real = batch["encoder_segment_ids"] > 0, batch["decoder_segment_ids"] > 0
+        examples = int(np.count_nonzero((batch["decoder_positions"] == 0) & dec_real))
+        sentinels = (np.count_nonzero(np.isin(enc, self.sentinels) & enc_real)
+                     + np.count_nonzero(np.isin(dec, self.sentinels) & dec_real))
+        modes = np.count_nonzero(np.isin(enc, self.modes) & enc_real
+                                 & (batch["encoder_positions"] == 0))
+        n_enc, n_dec = int(enc_real.sum()), int(dec_real.sum())
+        raw = n_enc + n_dec - sentinels - modes - 2 * examples
+        return np.array([1, enc.shape[0], examples, n_enc, n_dec, enc.size, dec.size, raw],
+                        np.int64)
+
+
+def _rates(counts: np.ndarray, wall: float, cpu0: dict[str, float],
+           cpu1: dict[str, float]) -> dict[str, Any]:
+    c = dict(zip(COUNT_FIELDS, (int(x) for x in counts)))
+    cpu_s = cpu1["total"] - cpu0["total"]
+    real = c["encoder_real"] + c["decoder_real"]
+    positions = c["encoder_positions"] + c["decoder_positions"]
+
+    def per(x, t):
+        return round(x / t, 2) if t > 0 else None
+
+    return dict(
+        batches=c["batches"], examples=c["examples"], wall_s=round(wall, 3),
+        batches_per_s=per(c["batches"], wall), examples_per_s=per(c["examples"], wall),
+        positions_per_s=round(positions / wall), real_tokens_per_s=round(real / wall),
+        raw_text_tokens_per_s=round(c["raw_text_tokens"] / wall),
+        cpu_s=round(cpu_s, 3), cpu_s_own_process=round(cpu1["own"] - cpu0["own"], 3),
+        cpu_s_child_processes=round(cpu1["children"] - cpu0["children"], 3),
+        cpu_cores_busy=per(cpu_s, wall),
+        examples_per_cpu_s=per(c["examples"], cpu_s),
+        real_tokens_per_cpu_s=round(real / cpu_s) if cpu_s > 0 else None,
+        positions_per_cpu_s=round(positions / cpu_s) if cpu_s > 0 else None,
+        encoder_fill=round(c["encoder_real"] / c["encoder_positions"], 4),
+        decoder_fill=round(c["decoder_real"] / c["decoder_positions"], 4),
+        examples_per_row=round(c["examples"] / c["rows"], 3))
+
+
+def measure(batches: Iterator[dict[str, np.ndarray]], count_batch: BatchCounter, warmup: int,
+            count: int, started: tuple[float, dict[str, float]],
+            consumed: Callable[[], dict[str, int]] | None = None) -> dict[str, Any]:
+    """The first batch, `warmup` batches, then `count` timed ones (the `steady` window);
+    `whole_run` spans everything from `started` = (perf_counter, cpu_seconds()) at the source's
+    creation. `consumed`: the source's own counters of documents/tokens read."""
+    wall_start, cpu_start = started
+    first = next(batches)
     first_batch_s = time.perf_counter() - wall_start
-    totals = [first] + [_count(next(batches)) for _ in range(warmup)]
+    totals = count_batch(first)
+    for _ in range(warmup):
+        totals += count_batch(next(batches))
     before = consumed() if consumed else None
     cpu0, wall0 = cpu_seconds(), time.perf_counter()
-    steady = [_count(next(batches)) for _ in range(count)]
-    wall, cpu_s = time.perf_counter() - wall0, cpu_seconds() - cpu0
-    result = dict(first_batch_s=round(first_batch_s, 3), batches=count,
-                  steady=_rates(steady, wall, cpu_s),
-                  whole_run=_rates(totals + steady, time.perf_counter() - wall_start,
-                                   cpu_seconds() - cpu_start))
+    steady = np.zeros(len(COUNT_FIELDS), np.int64)
+    for _ in range(count):
+        steady += count_batch(next(batches))
+    wall1 = time.perf_counter()
+    cpu1 = cpu_seconds()
+    result = dict(first_batch_s=round(first_batch_s, 3), warmup_batches=warmup,
+                  steady=_rates(steady, wall1 - wall0, cpu0, cpu1),
+                  whole_run=_rates(totals + steady, wall1 - wall_start, cpu_start, cpu1))
     if consumed:
         after = consumed()
-        result["steady"]["raw_text_tokens_per_s"] = round((after["tokens"] - before["tokens"]) / wall)
-        result["steady"]["documents_per_s"] = round(
-            (after["documents"] - before["documents"]) / wall, 2)
+        for window, start, wall in (("steady", before, wall1 - wall0),
+                                    ("whole_run", dict(tokens=0, documents=0), wall1 - wall_start)):
+            result[window]["consumed_raw_tokens_per_s"] = round(
+                (after["tokens"] - start["tokens"]) / wall)
+            result[window]["consumed_documents_per_s"] = round(
+                (after["documents"] - start["documents"]) / wall, 2)
     return result
 
 
-def _count(batch: dict[str, np.ndarray]) -> np.ndarray:
-    """(examples, encoder real, decoder real, encoder positions, decoder positions)."""
-    enc, dec = batch["encoder_segment_ids"], batch["decoder_segment_ids"]
-    examples = sum(len(np.unique(row[row > 0])) for row in dec)
-    return np.array([examples, (enc > 0).sum(), (dec > 0).sum(), enc.size, dec.size], np.int64)
+# --------------------------------------------------------------------------- the two sides
 
-
-def _rates(counts: list[np.ndarray], wall: float, cpu_s: float) -> dict[str, Any]:
-    examples, enc_real, dec_real, enc_pos, dec_pos = (int(x) for x in np.sum(counts, axis=0))
-    real = enc_real + dec_real
-    return dict(batches=len(counts), wall_s=round(wall, 3), cpu_s=round(cpu_s, 3),
-                cpu_cores_busy=round(cpu_s / wall, 2),
-                examples_per_s=round(examples / wall, 2),
-                real_tokens_per_s=round(real / wall),
-                positions_per_s=round((enc_pos + dec_pos) / wall),
-                real_tokens_per_cpu_s=round(real / cpu_s) if cpu_s > 0 else None,
-                encoder_fill=round(enc_real / enc_pos, 4),
-                decoder_fill=round(dec_real / dec_pos, 4))
-
-
-def bench_t5g2(cfg: PipelineConfig, documents, vocab, mixture, warmup: int,
-               count: int) -> dict[str, Any]:
+def bench_t5g2(cfg: PipelineConfig, documents, vocab: Vocabulary, mixture: Mixture,
+               warmup: int, count: int) -> dict[str, Any]:
     started = (time.perf_counter(), cpu_seconds())
     source = Ul2Source(cfg, documents=documents, vocab=vocab, mixture=mixture,
                        process_index=0, process_count=1)
     try:
-        return measure(source, warmup, count, consumed=source.consumed, started=started)
+        result = measure(source, BatchCounter(vocab, mixture), warmup, count, started,
+                         consumed=source.consumed)
     finally:
         source.close()
+    result.update(workers=cfg.num_workers, read_threads=cfg.read_threads)
+    return result
 
 
-def bench_seqio(cfg: PipelineConfig, documents, vocab, mixture, warmup: int,
-                count: int) -> dict[str, Any]:
-    from t5g2.data.seqio_tasks import SeqioSource, register_ul2_tasks  # imports TensorFlow
+def write_text_lines(documents, path: str) -> dict[str, int]:
+    """One document per line (line breaks inside a document become spaces)."""
+    n = chars = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for doc in documents:
+            line = doc.replace("\r", " ").replace("\n", " ")
+            f.write(line + "\n")
+            n += 1
+            chars += len(line)
+    return dict(documents=n, characters=chars)
+
+
+class UnpackedSeqioBatches:
+    """seqio.get_dataset with EncDecFeatureConverter(pack=False): one example per row, padded,
+    in the batch contract (segment id 1 on real positions, positions 0.., as `pad_example`)."""
+
+    def __init__(self, name: str, *, inputs_length: int, targets_length: int, batch_size: int,
+                 seed: int, shuffle: bool, start_id: int):
+        import seqio
+
+        from t5g2.data.seqio_tasks import SPLIT
+
+        ds = seqio.get_dataset(
+            name, task_feature_lengths={"inputs": inputs_length, "targets": targets_length},
+            feature_converter=seqio.EncDecFeatureConverter(pack=False), dataset_split=SPLIT,
+            shuffle=shuffle, num_epochs=None, seed=seed, batch_size=batch_size, verbose=False)
+        self._iterator = ds.as_numpy_iterator()
+        self._start_id = start_id
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        from t5g2.data.seqio_tasks import to_contract
+
+        batch = dict(next(self._iterator))
+        for side, key in (("encoder", "encoder_input_tokens"),
+                          ("decoder", "decoder_target_tokens")):
+            real = batch[key] != 0  # pad id 0: sentencepiece never emits it for text
+            batch[f"{side}_segment_ids"] = real.astype(np.int32)
+            batch[f"{side}_positions"] = np.where(
+                real, np.arange(real.shape[1], dtype=np.int32), 0).astype(np.int32)
+        return to_contract(batch, start_id=self._start_id)
+
+    def close(self) -> None:
+        self._iterator = None  # tf.data's threads stop with the iterator
+
+
+def bench_seqio(cfg: PipelineConfig, documents, vocab: Vocabulary, mixture: Mixture,
+                warmup: int, count: int, *, pack: bool = False,
+                shuffle: bool = False) -> dict[str, Any]:
+    start = time.perf_counter()
+    import tensorflow as tf  # timed apart: not the pipeline's work
+    from t5g2.data.seqio_tasks import SeqioSource, register_ul2_tasks
+    import_s = time.perf_counter() - start
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "corpus.txt")
-        with open(path, "w", encoding="utf-8") as f:  # one document per line, as seqio reads
-            for doc in documents:
-                f.write(" ".join(doc.split()) + "\n")
+        written = write_text_lines(documents, path)
         started = (time.perf_counter(), cpu_seconds())
-        name = register_ul2_tasks("bench_ul2", vocab=vocab, text_source=path, mixture=mixture,
-                                  inputs_length=cfg.encoder_length,
+        name = register_ul2_tasks("t5g2_bench_ul2", vocab=vocab, text_source=path,
+                                  mixture=mixture, inputs_length=cfg.encoder_length,
                                   targets_length=cfg.decoder_length, seed=cfg.seed)
-        with SeqioSource(name, inputs_length=cfg.encoder_length,
-                         targets_length=cfg.decoder_length, batch_size=cfg.batch_size,
-                         seed=cfg.seed) as source:
-            return measure(iter(source), warmup, count, started=started)
-
-
-def versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {}
-    for name in ("grain", "seqio", "tensorflow", "sentencepiece", "numpy"):
+        lengths = dict(inputs_length=cfg.encoder_length, targets_length=cfg.decoder_length,
+                       batch_size=cfg.batch_size, seed=cfg.seed, shuffle=shuffle)
+        if pack:
+            source = SeqioSource(name, start_id=vocab.bos_id, **lengths)
+            reader = "SeqioSource (seqio.get_dataset, EncDecFeatureConverter(pack=True))"
+        else:
+            source = UnpackedSeqioBatches(name, start_id=vocab.bos_id, **lengths)
+            reader = ("seqio.get_dataset, EncDecFeatureConverter(pack=False), one example per "
+                      "row (SeqioSource's own reader packs: see seqio_packing)")
         try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
+            result = measure(iter(source), BatchCounter(vocab, mixture), warmup, count, started)
+        finally:
+            source.close()
+    result.update(reader=reader, pack=pack, shuffle=shuffle, import_s=round(import_s, 2),
+                  text_file=written,
+                  tf_threads=dict(
+                      inter_op=tf.config.threading.get_inter_op_parallelism_threads(),
+                      intra_op=tf.config.threading.get_intra_op_parallelism_threads(),
+                      note="0 = TensorFlow's default (one per core); tf.data's parallel maps "
+                           "and prefetch run on its own pool, sized to the cores"))
+    return result
+
+
+def seqio_packing(cfg: PipelineConfig, unpacked: dict[str, Any] | None) -> dict[str, Any]:
+    """What seqio's packing (seqio.utils.trim_and_pack_dataset, used by SeqioSource) costs
+    before its first batch: it pads max(lengths) examples into one batch and packs them."""
+    group = max(cfg.encoder_length, cfg.decoder_length)
+    out = dict(
+        examples_before_first_batch=group,
+        padded_batch_bytes=group * (cfg.encoder_length + cfg.decoder_length) * 4,
+        note=("trim_and_pack_dataset runs padded_batch(max(feature lengths)) and packs each such "
+              "group with a tf.while_loop: SeqioSource gives no batch before "
+              f"{group} examples are denoised and padded into one "
+              f"[{group}, length] int32 array per feature, then serves the packed rows from "
+              "that group in a burst. A steady window shorter than a group measures only the "
+              "burst, so the throughput comparison reads seqio unpacked, which at these "
+              "lengths loses nothing: t5g2's packer puts one example per row too"))
+    if unpacked:
+        rate = unpacked["steady"]["examples_per_s"]
+        if rate:
+            out["first_batch_s_estimate"] = round(group / rate, 1)
+            out["first_batch_estimate_note"] = (
+                "examples_before_first_batch / the unpacked seqio steady examples_per_s, set-up "
+                "not included: a rough estimate (the padding and the packing loop add work; "
+                "tf.data may run the fill on more cores than the steady window). Measured "
+                "with --seqio_pack on this machine: 8.7 s at 1024 and 13.8 s at 2048 against "
+                "estimates of 6.2 s and 15.2 s")
     return out
 
 
-def main(argv=None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--encoder_length", type=int, default=16_384)
-    parser.add_argument("--decoder_length", type=int, default=16_384)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--batches", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--workers", type=int, default=0, help="grain tokenizing processes")
-    parser.add_argument("--read_threads", type=int, default=0)
-    parser.add_argument("--mixture", default="t5gemma2")
-    parser.add_argument("--vocab_size", type=int, default=4096)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--consumer_tokens_per_s", type=float, default=300_000.0)
-    parser.add_argument("--skip_seqio", action="store_true")
-    parser.add_argument("--cache_dir", default=None)
-    args = parser.parse_args(argv)
+# --------------------------------------------------------------------------- the benchmark
 
-    load_start = os.getloadavg()[0]
+def environment() -> dict[str, Any]:
+    from importlib import metadata
+
+    versions = {}
+    for name in ("grain", "seqio", "tensorflow", "tensorflow-text", "sentencepiece", "numpy"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    env = dict(cpu_count=os.cpu_count(), platform=platform.platform(),
+               processor=_cpu_model(), python=platform.python_version(),
+               nice=os.nice(0), versions=versions)
+    try:
+        env["cpu_affinity"] = len(os.sched_getaffinity(0))
+    except AttributeError:
+        pass
+    return env
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+NOTES = (
+    "Headline figures: the steady window (after the first batch and the warm-up batches). "
+    "Wall-clock rates (*_per_s) depend on how many cores a side keeps busy (cpu_cores_busy): "
+    "tf.data runs the seqio side's maps on several threads, t5g2 with workers=0 and "
+    "read_threads=0 runs on one, so on this shared 2-core machine wall-clock ratios favour "
+    "whichever side uses more cores and move with the load average. Per-CPU-second rates "
+    "(*_per_cpu_s) count every thread and child process of a side and are the like-for-like "
+    "comparison of work per token; they still vary with other load (shared caches, SMT). "
+    "whole_run includes set-up (building grain's pipeline or tf.data's graphs, spawning grain "
+    "workers) and any prefetch, so it favours whichever side starts faster. "
+    "raw_text_tokens_per_s is counted from the batches for both sides; "
+    "consumed_raw_tokens_per_s is t5g2's own counter (Ul2Source.consumed(), read from the "
+    "restorable state, so it covers exactly the examples already batched: the two agree). "
+    "The seqio side reads unpacked by default (see seqio_packing) and unshuffled unless "
+    "shuffle is true (its per-task shuffle buffer is filled before the first batch; the work "
+    "per batch is the same). cores_needed assumes t5g2 scales linearly over grain worker "
+    "processes (one core each, tokenizing being most of the work) with the consuming process "
+    "keeping up; this 2-core machine cannot verify that.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.data_pipeline",
+                                description="UL2 input-pipeline throughput: t5g2 (grain) "
+                                            "against seqio/TensorFlow; prints one JSON object")
+    p.add_argument("--encoder_length", type=int, default=16_384)
+    p.add_argument("--decoder_length", type=int, default=16_384)
+    p.add_argument("--batch", type=int, default=4, help="rows per batch")
+    p.add_argument("--batches", type=int, default=20, help="timed batches (steady window)")
+    p.add_argument("--warmup", type=int, default=2, help="batches after the first, untimed")
+    p.add_argument("--workers", type=int, default=0, help="grain tokenizing processes")
+    p.add_argument("--read_threads", type=int, default=0, help="grain read threads")
+    p.add_argument("--mixture", default="t5gemma2", help="a preset name (t5gemma2, ul2)")
+    p.add_argument("--vocab_size", type=int, default=4096,
+                   help="sentencepiece model trained on the embedded corpus (cached)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--consumer_tokens_per_s", type=float,
+                   default=DEFAULT_CONSUMER_TOKENS_PER_S,
+                   help="tokens/s the trainer consumes, for cores_needed")
+    p.add_argument("--skip_seqio", action="store_true", help="t5g2 side only (no TensorFlow)")
+    p.add_argument("--seqio_pack", action="store_true",
+                   help="read seqio through SeqioSource (packing: see seqio_packing in the "
+                        "output) instead of unpacked")
+    p.add_argument("--seqio_shuffle", action="store_true",
+                   help="seqio's 1000-example shuffle buffer per task (t5x's default)")
+    p.add_argument("--cache_dir", default=None, help="t5g2 cache (corpus, vocabularies)")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.batches < 1 or args.warmup < 0:
+        raise ValueError(f"--batches={args.batches} must be >= 1 and --warmup={args.warmup} "
+                         ">= 0")
+    load_start = os.getloadavg()
     cfg = PipelineConfig(encoder_length=args.encoder_length, decoder_length=args.decoder_length,
                          batch_size=args.batch, seed=args.seed, mixture=args.mixture,
                          vocab_size=args.vocab_size, num_workers=args.workers,
                          read_threads=args.read_threads, cache_dir=args.cache_dir)
     cfg.validate()
     mixture = mixture_from_config(cfg.mixture)
+    # Corpus generation and vocabulary training happen here, before any timing.
     documents = open_documents("embedded", cache_dir=cfg.cache_dir)
-    vocab = open_vocabulary(cfg, mixture)  # trained / loaded here, outside the timings
+    vocab = open_vocabulary(cfg, mixture)
 
-    result: dict[str, Any] = dict(
-        encoder_length=cfg.encoder_length, decoder_length=cfg.decoder_length, batch=cfg.batch_size,
-        mixture=cfg.mixture, vocab_size=vocab.size, sentinels=int(len(vocab.sentinel_ids)),
-        corpus=dict(documents=len(documents)), grain_workers=cfg.num_workers,
-        read_threads=cfg.read_threads)
-    result["t5g2_grain"] = bench_t5g2(cfg, documents, vocab, mixture, args.warmup, args.batches)
+    out: dict[str, Any] = dict(
+        encoder_length=cfg.encoder_length, decoder_length=cfg.decoder_length,
+        batch=cfg.batch_size, batches=args.batches, warmup=args.warmup, mixture=cfg.mixture,
+        denoisers=[d.name for d in mixture.denoisers], weights=list(mixture.weights),
+        vocab=dict(size=vocab.size, sentencepiece_pieces=vocab.sp_size,
+                   sentinels=vocab.num_sentinels, model_file=os.path.basename(vocab.model_file)),
+        corpus=dict(documents=len(documents)), seed=cfg.seed)
+    out["t5g2_grain"] = bench_t5g2(cfg, documents, vocab, mixture, args.warmup, args.batches)
     if not args.skip_seqio:
-        result["seqio_tensorflow"] = bench_seqio(cfg, documents, vocab, mixture, args.warmup,
-                                                 args.batches)
-        result["ratios_t5g2_over_seqio"] = {
-            window: {key: round(result["t5g2_grain"][window][key]
-                                / result["seqio_tensorflow"][window][key], 3)
-                     for key in ("examples_per_s", "real_tokens_per_s", "real_tokens_per_cpu_s")}
-            for window in ("whole_run", "steady")}
-    per_core = result["t5g2_grain"]["steady"]["real_tokens_per_cpu_s"]
-    result["consumer_tokens_per_s"] = args.consumer_tokens_per_s
-    result["cores_needed"] = round(args.consumer_tokens_per_s / per_core, 2)
-    result["notes"] = (
-        "whole_run: from the source's creation to the last batch (set-up, graph building and "
-        "prefetching included) -- the fair comparison; steady: after the warm-up batches, "
-        "inflated for a pipeline that prefetched ahead meanwhile (tf.data does). Per-CPU-second "
-        "rates count every thread and child process of each side; wall rates depend on how "
-        "many cores each side used. cores_needed = consumer rate / t5g2's steady real tokens "
-        "per CPU-second, assuming linear scaling over grain worker processes.")
-    result["environment"] = dict(cpu_count=os.cpu_count(), platform=platform.platform(),
-                                 python=platform.python_version(), load_average_start=load_start,
-                                 load_average_end=os.getloadavg()[0], **versions())
+        out["seqio_tensorflow"] = bench_seqio(cfg, documents, vocab, mixture, args.warmup,
+                                              args.batches, pack=args.seqio_pack,
+                                              shuffle=args.seqio_shuffle)
+        keys = ("examples_per_s", "real_tokens_per_s", "examples_per_cpu_s",
+                "real_tokens_per_cpu_s")
+        out["ratios_t5g2_over_seqio"] = {
+            window: {k: _ratio(out["t5g2_grain"][window][k], out["seqio_tensorflow"][window][k])
+                     for k in keys}
+            for window in ("steady", "whole_run")}
+
+        out["seqio_packing"] = seqio_packing(
+            cfg, None if args.seqio_pack else out["seqio_tensorflow"])
+
+    steady = out["t5g2_grain"]["steady"]
+    rate = args.consumer_tokens_per_s
+    out["consumer_tokens_per_s"] = rate
+    out["cores_needed"] = _ratio(rate, steady["real_tokens_per_cpu_s"], 2)
+    out["cores_needed_if_consumer_counts_positions"] = _ratio(rate,
+                                                              steady["positions_per_cpu_s"], 2)
+    if "seqio_tensorflow" in out:
+        out["cores_needed_seqio"] = _ratio(
+            rate, out["seqio_tensorflow"]["steady"]["real_tokens_per_cpu_s"], 2)
+    out["cores_needed_assumption"] = (
+        "consumer_tokens_per_s / t5g2's steady real (non-padding) tokens per CPU-second in this "
+        f"run's configuration (workers={cfg.num_workers}, read_threads={cfg.read_threads}): "
+        "the pipeline's CPU work is assumed to spread linearly over grain worker processes, "
+        "one core each, with the consuming process keeping up (not verifiable on 2 cores). "
+        "More than one core needs workers > 0, whose transfers cost CPU too: use the figure "
+        "from a run with --workers > 0 for that")
+    out["notes"] = NOTES
+    out["environment"] = environment()
+    out["environment"].update(load_average_start=[round(x, 2) for x in load_start],
+                              load_average_end=[round(x, 2) for x in os.getloadavg()])
+    return out
+
+
+def _ratio(a, b, digits: int = 3):
+    if a is None or not b:
+        return None
+    return round(a / b, digits)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    result = run(build_parser().parse_args(argv))
     print(json.dumps(result, indent=2))
+    sys.stdout.flush()
     return result
 
 

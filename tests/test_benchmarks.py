@@ -44,17 +44,44 @@ def test_separate_cross_attention_skips_the_reference():
 
 
 def test_data_pipeline_benchmark_reports_both_pipelines(capsys, cache_dir):
+    """benchmarks.data_pipeline at a trivial size: both sides give positive rates, the raw text
+    tokens counted from t5g2's batches are its pipeline's own count, cores_needed is finite; and
+    the CPU clock counts child processes that are still running (grain's workers)."""
+    import math
+    import subprocess
+    import sys
+
     from benchmarks import data_pipeline
+
+    burn = ("import sys, time\nend = time.process_time() + 0.3\n"
+            "while time.process_time() < end: pass\nprint(flush=True)\nsys.stdin.read()")
+    child = subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        before = data_pipeline.cpu_seconds()
+        child.stdout.readline()  # the child has burnt its 0.3 s and is still alive
+        assert data_pipeline.cpu_seconds()["children"] - before["children"] >= 0.25
+    finally:
+        child.communicate("")
 
     result = data_pipeline.main(["--encoder_length", "64", "--decoder_length", "64", "--batch",
                                  "2", "--batches", "2", "--warmup", "1", "--vocab_size", "512",
                                  "--cache_dir", cache_dir])
     assert json.loads(capsys.readouterr().out) == result  # one JSON object on stdout
     for side in ("t5g2_grain", "seqio_tensorflow"):
+        assert result[side]["first_batch_s"] > 0
         for window in ("steady", "whole_run"):
             rates = result[side][window]
-            assert rates["examples_per_s"] > 0 and rates["real_tokens_per_cpu_s"] > 0, side
+            for key in ("batches_per_s", "examples_per_s", "positions_per_s",
+                        "real_tokens_per_s", "raw_text_tokens_per_s", "real_tokens_per_cpu_s"):
+                assert rates[key] > 0, (side, window, key)
             assert 0 < rates["encoder_fill"] <= 1 and 0 < rates["decoder_fill"] <= 1
-    assert result["t5g2_grain"]["steady"]["raw_text_tokens_per_s"] > 0
-    assert 0 < result["cores_needed"] < float("inf")
+    steady = result["t5g2_grain"]["steady"]
+    assert steady["raw_text_tokens_per_s"] == steady["consumed_raw_tokens_per_s"]
+    assert 0 < result["cores_needed"] < math.inf
+    assert result["cores_needed"] == round(300_000 / steady["real_tokens_per_cpu_s"], 2)
     assert set(result["ratios_t5g2_over_seqio"]) == {"whole_run", "steady"}
+    assert result["seqio_packing"]["examples_before_first_batch"] == 64
+    assert result["environment"]["cpu_count"] >= 1
+    assert set(result["environment"]["versions"]) >= {"grain", "seqio", "tensorflow",
+                                                      "sentencepiece"}
