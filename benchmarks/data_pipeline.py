@@ -56,7 +56,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -64,6 +63,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from benchmarks import machine
 from t5g2.data.denoisers import Mixture, mixture_from_config
 from t5g2.data.pipeline import PipelineConfig, Ul2Source, open_vocabulary
 from t5g2.data.sources import open_documents
@@ -338,33 +338,8 @@ def seqio_packing(cfg: PipelineConfig, unpacked: dict[str, Any] | None) -> dict[
 # --------------------------------------------------------------------------- the benchmark
 
 def environment() -> dict[str, Any]:
-    from importlib import metadata
-
-    versions = {}
-    for name in ("grain", "seqio", "tensorflow", "tensorflow-text", "sentencepiece", "numpy"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    env = dict(cpu_count=os.cpu_count(), platform=platform.platform(),
-               processor=_cpu_model(), python=platform.python_version(),
-               nice=os.nice(0), versions=versions)
-    try:
-        env["cpu_affinity"] = len(os.sched_getaffinity(0))
-    except AttributeError:
-        pass
-    return env
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    return dict(machine.describe(), nice=os.nice(0), versions=machine.package_versions(
+        ("grain", "seqio", "tensorflow", "tensorflow-text", "sentencepiece", "numpy")))
 
 
 NOTES = (

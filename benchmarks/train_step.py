@@ -42,7 +42,6 @@ import dataclasses
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -56,6 +55,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks import machine  # noqa: E402
 from t5g2 import sharding  # noqa: E402
 from t5g2.model import ModelConfig  # noqa: E402
 from t5g2.model.flops import train_flops  # noqa: E402
@@ -432,39 +432,12 @@ def bench_hf_isolated(*args, **kwargs) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the benchmark
 
 def environment() -> dict[str, Any]:
-    from importlib import metadata
-
-    def version(package):
-        try:
-            return metadata.version(package)
-        except metadata.PackageNotFoundError:
-            return None
-
-    env = dict(platform=platform.platform(), processor=_cpu_model(),
-               python=platform.python_version(),
-               cpu_count=os.cpu_count(), load_average_1min=round(os.getloadavg()[0], 2),
-               jax=jax.__version__, jaxlib=version("jaxlib"), flax=version("flax"),
-               torch=version("torch"), transformers=version("transformers"),
-               jax_backend=jax.default_backend(), jax_devices=[str(d) for d in jax.devices()],
-               devices_used=1, xla_flags=os.environ.get("XLA_FLAGS", ""),
-               jax_threads="XLA's CPU thread pool (all cores it may use)",
-               omp_num_threads=os.environ.get("OMP_NUM_THREADS"))
-    try:
-        env["cpu_affinity"] = len(os.sched_getaffinity(0))
-    except AttributeError:
-        pass
-    return env
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    return dict(machine.describe(), jax=jax.__version__,
+                **machine.package_versions(("jaxlib", "flax", "torch", "transformers")),
+                jax_backend=jax.default_backend(), jax_devices=[str(d) for d in jax.devices()],
+                devices_used=1, xla_flags=os.environ.get("XLA_FLAGS", ""),
+                jax_threads="XLA's CPU thread pool (all cores it may use)",
+                omp_num_threads=os.environ.get("OMP_NUM_THREADS"))
 
 
 def run(config: ml_collections.ConfigDict, *, batch: int = 8, encoder_length: int = 128,
