@@ -1,8 +1,8 @@
 """Shared config structure. Each size file fills in the Gemma 3 dimensions and the run settings.
 
 Sections: `model` (t5g2.model.ModelConfig), `train` (t5g2.train.config.TrainConfig), `mesh`
-(t5g2.sharding), `data`. Each is validated once at start; override any field from the command
-line, e.g. `--config.model.cross_attention=separate --config.mesh.fsdp=8`.
+(t5g2.sharding), `data`, `init`, `checkpoint`. Each is validated once at start; override any
+field from the command line, e.g. `--config.model.cross_attention=separate --config.mesh.fsdp=8`.
 """
 
 import dataclasses
@@ -72,6 +72,25 @@ def data(source: str = "ul2"):
                                           ul2=ml_collections.ConfigDict(ul2)))
 
 
+def init():
+    """Where a fresh run's parameters come from (a workdir holding checkpoints always resumes):
+    from_gemma3: a Hugging Face Gemma 3 directory, adapted into the encoder-decoder;
+    from_t5gemma2: a Hugging Face T5Gemma 2 directory, to continue training; neither: random."""
+    return ml_collections.ConfigDict(dict(
+        from_gemma3=ml_collections.FieldReference(None, field_type=str),
+        from_t5gemma2=ml_collections.FieldReference(None, field_type=str)))
+
+
+def checkpoint(*, every=1000, keep=3, keep_period=0):
+    """Orbax checkpoints under <workdir>/checkpoints: one every `every` steps (and at the end, and
+    on SIGTERM), keeping the last `keep` plus every `keep_period`-th step (0: none). A run resumes
+    from the latest, or from `restore_step`; `fallback` lets a corrupt latest checkpoint fall
+    back to the newest good one instead of stopping."""
+    return ml_collections.ConfigDict(dict(
+        enabled=True, every=every, keep=keep, keep_period=keep_period, async_save=True,
+        restore_step=ml_collections.FieldReference(None, field_type=int), fallback=False))
+
+
 def config(model_cfg, train_cfg, mesh_cfg, *, name):
     cfg = ml_collections.ConfigDict()
     cfg.name = name
@@ -80,6 +99,8 @@ def config(model_cfg, train_cfg, mesh_cfg, *, name):
     cfg.train = train_cfg
     cfg.mesh = mesh_cfg
     cfg.data = data()
+    cfg.init = init()
+    cfg.checkpoint = checkpoint()
     # Peak FLOP/s of one device for MFU; None: the device kind's published bf16 peak, or on
     # CPU a matmul measured at start.
     cfg.peak_flops_per_device = ml_collections.FieldReference(None, field_type=float)
