@@ -1,0 +1,372 @@
+"""Orbax checkpoints of a training run, under <workdir>/checkpoints/<step>/.
+
+Each step directory holds four items:
+  params, opt_state  the train state's arrays as flat {name: array} dicts. Every process writes
+                     its own shards; a restore reads the shards the *target* mesh needs, so a
+                     checkpoint saved on one mesh restores onto another without gathering.
+  data               one JSON file per process: that process's batch-source position.
+  meta               JSON: step, the run's config, and a fingerprint of every array.
+Saves are asynchronous: the arrays are copied to host memory before `save` returns (the next
+step may donate them) and written in the background. Orbax writes into a temporary directory and
+renames it when complete, so a crash during a save leaves the earlier checkpoints intact; the
+leftover is reported on restart. The fingerprints (a position-weighted wrapping sum of each
+array's bits) make a corrupted or truncated array an error rather than silently wrong weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
+
+from t5g2.configlib import ConfigError
+from t5g2.train.state import TrainState
+
+log = logging.getLogger(__name__)
+
+FORMAT = "t5g2-checkpoint-1"
+CHECKPOINT_DIR = "checkpoints"
+ARRAY_ITEMS = ("params", "opt_state")
+# Model fields that change how the model computes, not its parameters: a checkpoint restores
+# across them. Every other model field must match the checkpoint's.
+COMPUTE_ONLY_MODEL_FIELDS = frozenset({"dtype", "remat", "attention_query_chunk"})
+_TMP_MARK = ".orbax-checkpoint-tmp"
+CORRUPT_SUFFIX = ".corrupt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupt or does not fit this run."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Flat names: the train state as {"params.encoder.layers...": leaf}.
+
+def _key_name(path) -> str:
+    parts = []
+    for entry in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                parts.append(str(getattr(entry, attr)))
+                break
+    if parts and parts[-1] == "value":  # an nnx.Variable's payload: named by the variable
+        parts.pop()
+    return ".".join(parts)
+
+
+def flatten(tree: Any, is_leaf=None) -> dict[str, Any]:
+    """{dotted name: leaf}; nnx Variables are named by their module path."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    return {_key_name(path): leaf for path, leaf in leaves}
+
+
+def _is_sharding(x) -> bool:
+    return isinstance(x, NamedSharding)
+
+
+def abstract_items(abstract_state: TrainState, shardings: TrainState
+                   ) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
+    """The `params` / `opt_state` items as ShapeDtypeStructs carrying the target shardings."""
+    items = {}
+    for item in ARRAY_ITEMS:
+        shapes = flatten(getattr(abstract_state, item))
+        placed = flatten(getattr(shardings, item), is_leaf=_is_sharding)
+        items[item] = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=placed[k])
+                       for k, v in shapes.items()}
+    return items
+
+
+def unflatten(template: Any, flat: Mapping[str, Any]) -> Any:
+    """`flat` (names from `flatten(template)`) back into the structure of `template`."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+    return jax.tree_util.tree_unflatten(treedef, [flat[_key_name(p)] for p, _ in leaves])
+
+
+# ----------------------------------------------------------------------------------------------
+# Fingerprints.
+
+def _fingerprint(x: jax.Array) -> jax.Array:
+    """sum_i bits(x_i) * (2 i + 1) mod 2^32: any changed element changes it (the weights are
+    odd, so invertible mod 2^32), and wrapping integer sums are exact in any shard order."""
+    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32)
+    index = jnp.zeros(x.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(x.ndim)):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * jnp.uint32(stride)
+        stride = (stride * x.shape[axis]) % 2**32
+    return jnp.sum(bits * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+
+
+@jax.jit
+def _fingerprints(arrays: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    return {k: _fingerprint(v) for k, v in arrays.items()}
+
+
+def fingerprints(items: Mapping[str, Mapping[str, jax.Array]]) -> dict[str, int]:
+    prints = {}
+    for item, arrays in items.items():
+        for k, v in jax.device_get(_fingerprints(dict(arrays))).items():
+            prints[f"{item}/{k}"] = int(v)
+    return prints
+
+
+# ----------------------------------------------------------------------------------------------
+# One JSON file per process (orbax's JSON handler writes on the primary process only).
+
+class ProcessJsonHandler(ocp.JsonCheckpointHandler):
+    """Saves each process's own JSON (its data-iterator position) as process_<i>-of-<n>.json."""
+
+    def __init__(self):
+        super().__init__()
+
+    @staticmethod
+    def _name() -> str:
+        return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+    async def _save_fn(self, x, directory):
+        (directory / self._name()).write_text(json.dumps(x))
+
+    def restore(self, directory, item=None, args=None):
+        path = directory / self._name()
+        if not path.exists():
+            saved = sorted(p.name for p in directory.iterdir())
+            raise CheckpointError(f"{path} not found (the data state was saved as {saved}): a "
+                                  "data-iterator position is per process, so resume with the "
+                                  "same number of processes")
+        return json.loads(path.read_text())
+
+
+@ocp.args.register_with_handler(ProcessJsonHandler, for_save=True)
+@dataclasses.dataclass
+class ProcessJsonSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(ProcessJsonHandler, for_restore=True)
+@dataclasses.dataclass
+class ProcessJsonRestore(ocp.args.CheckpointArgs):
+    item: Any = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Config compatibility.
+
+def _differences(saved: Any, current: Any, prefix: str) -> list[str]:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out = []
+        for key in sorted(set(saved) | set(current)):
+            out += _differences(saved.get(key), current.get(key), f"{prefix}.{key}")
+        return out
+    return [] if saved == current else [f"{prefix}={saved!r} in the checkpoint, {current!r} now"]
+
+
+def model_differences(saved_config: Mapping[str, Any], config: Mapping[str, Any]) -> list[str]:
+    """Model-config fields (those that shape parameters) that differ from the checkpoint's."""
+    saved = {k: v for k, v in saved_config.get("model", {}).items()
+             if k not in COMPUTE_ONLY_MODEL_FIELDS}
+    current = {k: v for k, v in config.get("model", {}).items()
+               if k not in COMPUTE_ONLY_MODEL_FIELDS}
+    return _differences(saved, current, "model")
+
+
+def config_as_json(config) -> dict[str, Any]:
+    """A ConfigDict as plain JSON data (what the checkpoint records)."""
+    return json.loads(config.to_json_best_effort())
+
+
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Restored:
+    step: int
+    state: TrainState
+    data: Any  # the batch source's state, as saved by this process
+    config: dict[str, Any]
+    path: str
+
+
+class Checkpointer:
+    """Saves and restores a run's checkpoints under <workdir>/checkpoints.
+
+    every: save when step % every == 0 (plus `save(..., force=True)`: the last step, SIGTERM).
+    keep: keep the newest `keep`; keep_period: also keep every keep_period-th step (0: none).
+    """
+
+    def __init__(self, workdir: str, *, every: int, keep: int, keep_period: int = 0,
+                 async_save: bool = True):
+        for name, value, low in (("every", every, 1), ("keep", keep, 1),
+                                 ("keep_period", keep_period, 0)):
+            if value < low:
+                raise ConfigError(f"checkpoint.{name}={value} must be >= {low}")
+        self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+        self.interrupted = interrupted_saves(self.directory)
+        for path in self.interrupted:
+            log.warning("found %s: a save was interrupted before it completed; it is ignored "
+                        "(and removed), the earlier checkpoints are intact", path)
+        self.every = every
+        handlers = ocp.handlers.DefaultCheckpointHandlerRegistry()
+        for item in ARRAY_ITEMS:
+            handlers.add(item, ocp.args.StandardSave, ocp.StandardCheckpointHandler())
+            handlers.add(item, ocp.args.StandardRestore, ocp.StandardCheckpointHandler())
+        handlers.add("data", ProcessJsonSave, ProcessJsonHandler())
+        handlers.add("data", ProcessJsonRestore, ProcessJsonHandler())
+        handlers.add("meta", ocp.args.JsonSave, ocp.JsonCheckpointHandler())
+        handlers.add("meta", ocp.args.JsonRestore, ocp.JsonCheckpointHandler())
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=every, max_to_keep=keep, keep_period=keep_period or None,
+            enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             handler_registry=handlers)
+
+    # -- queries -------------------------------------------------------------------------------
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def step_path(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def saved_config(self, step: int) -> dict[str, Any]:
+        return self._meta(step)["config"]
+
+    def _meta(self, step: int) -> dict[str, Any]:
+        try:
+            meta = self.manager.restore(step, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore())).meta
+        except Exception as e:  # noqa: BLE001 - orbax/json raise many types; say which file
+            raise CheckpointError(f"checkpoint {self.step_path(step)}: unreadable metadata "
+                                  f"({type(e).__name__}: {e})") from e
+        if meta.get("format") != FORMAT:
+            raise CheckpointError(f"checkpoint {self.step_path(step)}: format "
+                                  f"{meta.get('format')!r}, this version reads {FORMAT}")
+        return meta
+
+    # -- save ----------------------------------------------------------------------------------
+    def should_save(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def save(self, step: int, state: TrainState, data_state: Any, config: Mapping[str, Any],
+             *, force: bool = False) -> bool:
+        """Starts saving `state` as step `step` (asynchronously); returns whether it saves."""
+        if not (force or self.should_save(step)) or step in self.manager.all_steps():
+            return False
+        items = {item: flatten(getattr(state, item)) for item in ARRAY_ITEMS}
+        meta = dict(format=FORMAT, step=step, config=dict(config), time=time.time(),
+                    fingerprints=fingerprints(items))
+        args = {item: ocp.args.StandardSave(arrays) for item, arrays in items.items()}
+        return self.manager.save(step, force=True, args=ocp.args.Composite(
+            meta=ocp.args.JsonSave(meta), data=ProcessJsonSave(data_state), **args))
+
+    def wait(self) -> None:
+        """Blocks until every started save is on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+    # -- restore -------------------------------------------------------------------------------
+    def restore(self, step: int, abstract_state: TrainState, shardings: TrainState, *,
+                config: Mapping[str, Any] | None = None, items=ARRAY_ITEMS,
+                with_data: bool = True) -> Restored:
+        """Step `step` placed per `shardings` (any mesh) and checked against its fingerprints.
+
+        abstract_state: the train state's structure (`state.abstract_train_state`); items: which
+        array items to read (export reads only "params"); config: this run's config, which must
+        describe the same model as the checkpoint's (else a ConfigError naming the fields).
+        """
+        meta = self._meta(step)
+        if config is not None:
+            check_compatible(meta["config"], config, os.path.dirname(self.directory))
+        abstract = abstract_items(abstract_state, shardings)
+        args = {item: ocp.args.StandardRestore(abstract[item]) for item in items}
+        if with_data:
+            args["data"] = ProcessJsonRestore()
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - tensorstore/orbax errors for missing/bad files
+            # tensorstore appends its whole spec, which says nothing more
+            reason = re.split(r" \[tensorstore_spec| See full TensorStore", str(e))[0][:600]
+            raise CheckpointError(f"checkpoint {self.step_path(step)} is unreadable "
+                                  f"({type(e).__name__}: {reason})") from e
+        arrays = {item: restored[item] for item in items}
+        expected = meta.get("fingerprints", {})
+        bad = sorted(k for k, v in fingerprints(arrays).items() if expected.get(k) != v)
+        if bad:
+            raise CheckpointError(f"checkpoint {self.step_path(step)} is corrupt: {len(bad)} "
+                                  f"arrays differ from what was saved, e.g. {bad[:3]}")
+        parts = {item: unflatten(getattr(abstract_state, item), arrays[item]) if item in arrays
+                 else None for item in ARRAY_ITEMS}
+        state = TrainState(step=jax.device_put(jnp.asarray(step, jnp.int32), shardings.step),
+                           **parts)
+        return Restored(step=step, state=state, data=restored["data"] if with_data else None,
+                        config=meta["config"], path=self.step_path(step))
+
+    def restore_latest(self, abstract_state: TrainState, shardings: TrainState, *,
+                       config: Mapping[str, Any] | None = None, step: int | None = None,
+                       fallback: bool = False) -> Restored | None:
+        """The named step, else the newest; None when there is no checkpoint. A bad newest
+        checkpoint is an error unless `fallback`, which moves it aside and tries the next."""
+        steps = self.steps()
+        if step is not None:
+            if step not in steps:
+                raise CheckpointError(f"checkpoint.restore_step={step}: {self.directory} has "
+                                      f"steps {steps}")
+            return self.restore(step, abstract_state, shardings, config=config)
+        for newest in reversed(steps):
+            try:
+                return self.restore(newest, abstract_state, shardings, config=config)
+            except CheckpointError as e:
+                earlier = [s for s in steps if s < newest]
+                if not fallback:
+                    hint = (f"; the newest earlier checkpoint is step {earlier[-1]}: rerun with "
+                            "--config.checkpoint.fallback=true to resume from it (the bad one "
+                            f"is moved to {newest}{CORRUPT_SUFFIX}), or --config.checkpoint."
+                            f"restore_step={earlier[-1]}" if earlier else
+                            "; there is no earlier checkpoint")
+                    raise CheckpointError(f"{e}{hint}") from e
+                log.warning("%s; falling back to an earlier checkpoint", e)
+                self._move_aside(newest)
+        return None
+
+    def _move_aside(self, step: int) -> None:
+        if jax.process_index() == 0:
+            target = self.step_path(step) + CORRUPT_SUFFIX
+            if os.path.exists(target):
+                shutil.rmtree(target)
+            os.rename(self.step_path(step), target)
+            log.warning("moved the bad checkpoint to %s", target)
+        self.manager.reload()
+
+
+def interrupted_saves(directory: str) -> list[str]:
+    """Temporary step directories an interrupted save left behind."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(os.path.join(directory, name) for name in os.listdir(directory)
+                  if _TMP_MARK in name)
+
+
+def check_compatible(saved_config: Mapping[str, Any], config: Mapping[str, Any], where: str
+                     ) -> None:
+    """A checkpoint of a different model is an error naming each differing field."""
+    differences = model_differences(saved_config, config)
+    if differences:
+        raise ConfigError(f"{where} holds a checkpoint of a different model: "
+                          + "; ".join(differences) + ". Use another --workdir or the "
+                          "checkpoint's config; nothing was written.")
+
