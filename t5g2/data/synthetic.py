@@ -59,11 +59,15 @@ class SyntheticCopySource:
                     decoder_loss_weights=ones_d.astype(np.float32))
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        while True:
-            yield self.batch(self.step)
-            self.step += 1
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = self.batch(self.step)
+        self.step += 1
+        return batch
 
     def get_state(self) -> dict:
+        """The position after the batches returned so far (what a checkpoint records)."""
         return {"step": self.step}
 
     def set_state(self, state: dict) -> None:

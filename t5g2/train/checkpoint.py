@@ -73,16 +73,16 @@ def _is_sharding(x) -> bool:
     return isinstance(x, NamedSharding)
 
 
-def abstract_items(abstract_state: TrainState, shardings: TrainState
+def abstract_items(abstract_state: TrainState, shardings: TrainState, items=ARRAY_ITEMS
                    ) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
-    """The `params` / `opt_state` items as ShapeDtypeStructs carrying the target shardings."""
-    items = {}
-    for item in ARRAY_ITEMS:
+    """The array items as ShapeDtypeStructs carrying the target shardings."""
+    abstract = {}
+    for item in items:
         shapes = flatten(getattr(abstract_state, item))
         placed = flatten(getattr(shardings, item), is_leaf=_is_sharding)
-        items[item] = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=placed[k])
-                       for k, v in shapes.items()}
-    return items
+        abstract[item] = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=placed[k])
+                          for k, v in shapes.items()}
+    return abstract
 
 
 def unflatten(template: Any, flat: Mapping[str, Any]) -> Any:
@@ -200,17 +200,21 @@ class Checkpointer:
 
     every: save when step % every == 0 (plus `save(..., force=True)`: the last step, SIGTERM).
     keep: keep the newest `keep`; keep_period: also keep every keep_period-th step (0: none).
+    read_only: for readers (export): nothing in the workdir is created, cleaned or deleted.
     """
 
-    def __init__(self, workdir: str, *, every: int, keep: int, keep_period: int = 0,
-                 async_save: bool = True):
+    def __init__(self, workdir: str, *, every: int = 1, keep: int = 1, keep_period: int = 0,
+                 async_save: bool = True, read_only: bool = False):
         for name, value, low in (("every", every, 1), ("keep", keep, 1),
                                  ("keep_period", keep_period, 0)):
             if value < low:
                 raise ConfigError(f"checkpoint.{name}={value} must be >= {low}")
         self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+        if read_only and not os.path.isdir(self.directory):
+            raise CheckpointError(f"{workdir}: no {CHECKPOINT_DIR}/ directory (is this the "
+                                  "workdir of a training run?)")
         self.interrupted = interrupted_saves(self.directory)
-        for path in self.interrupted:
+        for path in [] if read_only else self.interrupted:
             log.warning("found %s: a save was interrupted before it completed; it is ignored "
                         "(and removed), the earlier checkpoints are intact", path)
         self.every = every
@@ -224,7 +228,8 @@ class Checkpointer:
         handlers.add("meta", ocp.args.JsonRestore, ocp.JsonCheckpointHandler())
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=every, max_to_keep=keep, keep_period=keep_period or None,
-            enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
+            enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only,
+            create=not read_only, read_only=read_only)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              handler_registry=handlers)
 
@@ -290,7 +295,7 @@ class Checkpointer:
         meta = self._meta(step)
         if config is not None:
             check_compatible(meta["config"], config, os.path.dirname(self.directory))
-        abstract = abstract_items(abstract_state, shardings)
+        abstract = abstract_items(abstract_state, shardings, items)
         args = {item: ocp.args.StandardRestore(abstract[item]) for item in items}
         if with_data:
             args["data"] = ProcessJsonRestore()

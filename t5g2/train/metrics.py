@@ -95,7 +95,7 @@ class MetricsWriter:
     """
 
     def __init__(self, workdir: str, *, process_index: int = 0, total_steps: int | None = None,
-                 progress: bool | None = None):
+                 progress: bool | None = None, initial_step: int = 0):
         self.workdir = workdir
         self.active = process_index == 0
         self._closed = False
@@ -115,8 +115,8 @@ class MetricsWriter:
         if progress is None:
             progress = sys.stdout.isatty()
         if progress:
-            self._bar = tqdm.tqdm(total=total_steps, file=sys.stdout, unit="step",
-                                  dynamic_ncols=True)
+            self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, file=sys.stdout,
+                                  unit="step", dynamic_ncols=True)
 
     def _add_event(self, event: event_pb2.Event) -> None:
         self._events.write(event.SerializeToString())
