@@ -25,4 +25,5 @@ def get_config():
     # UL2 on the embedded corpus with a 480-piece sentencepiece model trained on it at first
     # use: + 10 sentinels (what the T5Gemma 2 mixture needs at 128/128) stays below the EOI id.
     cfg.data.ul2.vocab_size = 480
+    cfg.checkpoint.every = 100
     return cfg

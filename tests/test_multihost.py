@@ -1,8 +1,9 @@
 """Multi-host start-up: cluster detection from the environment, and a real 2-process run.
 
 The 2-process run starts two `python -m launch.train` processes on localhost (4 CPU devices each,
-gloo collectives, the explicit T5G2_* variables) and one single-process reference on 8 CPU
-devices with the same flags; the per-step losses must agree, and only process 0 reports.
+gloo collectives, the explicit T5G2_* variables) for 3 steps, then again to resume from their
+joint checkpoint for a 4th, and one single-process reference on 8 CPU devices with the same
+flags; the per-step losses must agree, and only process 0 reports.
 """
 
 import json
@@ -198,26 +199,34 @@ def test_two_processes_match_one(tmp_path, mesh, described):
     multi, single = tmp_path / "multi", tmp_path / "single"
     cluster = dict(T5G2_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", T5G2_NUM_PROCESSES="2")
     # One after the other: three JAX processes on a 2-core machine contend badly under gloo.
-    out = _run_all({"single": (_env(8), single)}, tmp_path, mesh_flags)
-    out.update(_run_all({
+    four = ("--config.train.steps=4",)
+    out = _run_all({"single": (_env(8), single)}, tmp_path, mesh_flags + four)
+    processes = {
         "process0": (_env(4, **cluster, T5G2_PROCESS_ID="0"), multi),
         "process1": (_env(4, **cluster, T5G2_PROCESS_ID="1"), multi),  # the same workdir
-    }, tmp_path, mesh_flags))
+    }
+    out.update(_run_all(processes, tmp_path, mesh_flags))  # 3 steps, checkpointed at the end
+    cluster["T5G2_COORDINATOR_ADDRESS"] = f"127.0.0.1:{_free_port()}"
+    processes = {name: (_env(4, **cluster, T5G2_PROCESS_ID=name[-1]), multi)
+                 for name in processes}
+    resumed = _run_all(processes, tmp_path, mesh_flags + four)  # resumes: step 4
 
     assert "jax.distributed (explicit): process 1 of 2, 4 local / 8 global devices" in \
         out["process1"]
     assert f"{described} (8 devices)" in out["process0"]
+    assert "starting at step 3 from checkpoint" in resumed["process0"]
+    assert (multi / "checkpoints" / "3" / "data" / "process_1-of-2.json").is_file()
     ref, got = _metrics(single), _metrics(multi)
     # process 1 reported nothing: one line per step (metrics.jsonl is appended to), one
-    # TensorBoard file, no log lines
-    assert [m["step"] for m in got] == [m["step"] for m in ref] == [1, 2, 3]
-    assert len(list((multi / "tensorboard").iterdir())) == 1
+    # TensorBoard file per run, no log lines
+    assert [m["step"] for m in got] == [m["step"] for m in ref] == [1, 2, 3, 4]
+    assert len(list((multi / "tensorboard").iterdir())) == 2
     assert "step 1 |" in out["process0"] and "step 1 |" not in out["process1"]
     for r, g in zip(ref, got):
         for key in ("loss", "z_loss", "grad_norm"):
             assert g[key] == pytest.approx(r[key], rel=1e-5, abs=1e-5), (r["step"], key)
         assert g["target_tokens"] == r["target_tokens"] == 8 * 16
-    assert len({round(m["loss"], 4) for m in ref}) == 3  # three different batches
+    assert len({round(m["loss"], 4) for m in ref}) == 4  # four different batches
     # every process ends with the same (globally reduced) metrics
-    assert _final(out["process1"])["loss"] == pytest.approx(ref[-1]["loss"], abs=1e-5)
-    assert _final(out["process0"])["loss"] == pytest.approx(ref[-1]["loss"], abs=1e-5)
+    assert _final(resumed["process1"])["loss"] == pytest.approx(ref[-1]["loss"], abs=1e-5)
+    assert _final(resumed["process0"])["loss"] == pytest.approx(ref[-1]["loss"], abs=1e-5)

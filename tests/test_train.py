@@ -76,7 +76,10 @@ def test_launch_train_runs_from_a_config(tmp_path):
     config = tiny.get_config()
     config.train.steps = 6
     config.train.log_every = 3
-    metrics = loop.train(config, str(tmp_path))
+    result = loop.train(config, str(tmp_path))
+    metrics = result.metrics
+    assert result.step == 6 and not result.preempted
+    assert result.checkpoint == str(tmp_path / "checkpoints" / "6")  # the last step is saved
     for key in ("loss", "learning_rate", "grad_norm", "tokens_per_s", "model_flops_per_s", "mfu"):
         assert np.isfinite(metrics[key]), key
     assert 0 < metrics["mfu"] < 1

@@ -1,4 +1,5 @@
-"""The training loop: validated config -> mesh -> sharded state -> steps -> metrics.
+"""The training loop: validated config -> mesh -> sharded state (restored from the workdir's
+checkpoints, or initialised) -> steps -> metrics and checkpoints.
 
 Every process runs this same program (JAX multi-controller); each feeds its share of the global
 batch, and process 0 writes metrics (TensorBoard, metrics.jsonl, a progress bar or log lines).
@@ -6,6 +7,7 @@ batch, and process 0 writes metrics (TensorBoard, metrics.jsonl, a progress bar 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -20,11 +22,13 @@ from t5g2.data.synthetic import SyntheticCopySource
 from t5g2.model import ModelConfig
 from t5g2.model.flops import train_flops
 from t5g2.model.params import count_params
+from t5g2.train.checkpoint import Checkpointer, config_as_json
 from t5g2.train.config import TrainConfig
 from t5g2.train.metrics import MetricsWriter, StepTimer
 from t5g2.train.optimizer import make_optimizer
 from t5g2.train.peak import peak_flops_per_device
-from t5g2.train.state import init_train_state, state_shardings
+from t5g2.train.preemption import PreemptionWatch
+from t5g2.train.state import TrainState, abstract_train_state, state_shardings
 from t5g2.train.step import make_train_step
 
 log = logging.getLogger(__name__)
@@ -54,18 +58,24 @@ def make_source(config: ml_collections.ConfigDict, model_cfg: ModelConfig,
     raise ConfigError(f"data.source={source!r} is unknown; valid: {', '.join(SOURCES)}")
 
 
-def _ul2_source(config, model_cfg: ModelConfig, train_cfg: TrainConfig):
-    from t5g2.data.pipeline import PipelineConfig, Ul2Source
+def pipeline_config(config, train_cfg: TrainConfig):
+    """`data.ul2` completed by the lengths, global batch and seed, which are set elsewhere."""
+    from t5g2.data.pipeline import PipelineConfig
 
-    settings = dict(config.data.get("ul2", {}))
+    settings = dict(config["data"].get("ul2", {}))
     taken = {"encoder_length", "decoder_length", "batch_size", "seed"} & set(settings)
     if taken:
         raise ConfigError(f"data.ul2.{sorted(taken)[0]} is set by train.* / seed; remove it")
-    pipeline_cfg = PipelineConfig.from_mapping(dict(
+    return PipelineConfig.from_mapping(dict(
         settings, encoder_length=train_cfg.encoder_length,
         decoder_length=train_cfg.decoder_length, batch_size=train_cfg.batch_size,
-        seed=config.seed))
-    source = Ul2Source(pipeline_cfg)
+        seed=config["seed"]))
+
+
+def _ul2_source(config, model_cfg: ModelConfig, train_cfg: TrainConfig):
+    from t5g2.data.pipeline import Ul2Source
+
+    source = Ul2Source(pipeline_config(config, train_cfg))
     check_vocabulary_fits_model(source.vocab, model_cfg)
     if model_cfg.bos_id != source.vocab.bos_id:
         raise ConfigError(f"model.bos_id={model_cfg.bos_id} but the vocabulary's BOS (the "
@@ -89,8 +99,16 @@ def check_vocabulary_fits_model(vocab, model_cfg: ModelConfig) -> None:
                                   " vocabulary; use an id >= the vocabulary size")
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Runs `config.train.steps` steps; returns the last logged metrics."""
+@dataclasses.dataclass
+class RunResult:
+    metrics: dict[str, float]  # the last logged metrics
+    step: int  # the last step trained (or restored, when nothing was left to train)
+    preempted: bool  # stopped early by SIGTERM, after saving a checkpoint at `step`
+    checkpoint: str | None  # the last checkpoint directory written or restored
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
+    """Trains up to `config.train.steps`, resuming from the workdir's checkpoints if any."""
     model_cfg = ModelConfig.from_config_dict(config.model)
     train_cfg = TrainConfig.from_config_dict(config.train)
     mesh = sharding.make_mesh(config.mesh)
@@ -100,45 +118,108 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
     tx, schedule = make_optimizer(train_cfg)
     shardings = state_shardings(model_cfg, tx, mesh)
-    state = init_train_state(model_cfg, tx, mesh, config.seed)
     step_fn = make_train_step(model_cfg, train_cfg, tx, schedule, mesh, shardings)
     source = make_source(config, model_cfg, train_cfg)
-    batches = iter(source)
+    checkpointer = make_checkpointer(config, workdir)
+    try:
+        state, start, origin = start_state(config, model_cfg, tx, mesh, shardings, source,
+                                           checkpointer, workdir)
+        return _run(config, workdir, model_cfg, train_cfg, mesh, step_fn, source, checkpointer,
+                    state, start, origin)
+    finally:
+        if hasattr(source, "close"):
+            source.close()
+        if checkpointer is not None:
+            checkpointer.close()
 
+
+def make_checkpointer(config, workdir: str) -> Checkpointer | None:
+    ckpt = config.checkpoint
+    if not ckpt.enabled:
+        return None
+    return Checkpointer(workdir, every=ckpt.every, keep=ckpt.keep, keep_period=ckpt.keep_period,
+                        async_save=ckpt.async_save)
+
+
+def start_state(config, model_cfg: ModelConfig, tx, mesh, shardings: TrainState, source,
+                checkpointer: Checkpointer | None, workdir: str):
+    """(state, step, origin): the workdir's checkpoint when there is one (checked against this
+    config before anything is written), else the configured initialisation."""
+    restored = None
+    if checkpointer is not None:
+        restored = checkpointer.restore_latest(
+            abstract_train_state(model_cfg, tx), shardings, config=config_as_json(config),
+            step=config.checkpoint.restore_step, fallback=config.checkpoint.fallback)
+    if restored is None:
+        if config.checkpoint.enabled and config.checkpoint.restore_step is not None:
+            raise ConfigError(f"checkpoint.restore_step={config.checkpoint.restore_step} but "
+                              f"{workdir} holds no checkpoint")
+        from t5g2.train.init import initial_train_state
+
+        state, origin = initial_train_state(config, model_cfg, tx, mesh, shardings)
+        return state, 0, origin
+    if hasattr(source, "set_state"):
+        source.set_state(restored.data)
+    ignored = [k for k in ("from_gemma3", "from_t5gemma2") if config.init.get(k)]
+    if ignored:
+        log.info("init.%s is ignored: resuming from the workdir's checkpoint", ignored[0])
+    return restored.state, restored.step, f"checkpoint {restored.path} (step {restored.step})"
+
+
+def _run(config, workdir, model_cfg, train_cfg, mesh, step_fn, source, checkpointer, state,
+         start, origin) -> RunResult:
     peak, peak_origin = peak_flops_per_device(config.peak_flops_per_device)
     step_flops = train_cfg.batch_size * train_flops(model_cfg, train_cfg.encoder_length,
                                                     train_cfg.decoder_length)
     step_tokens = train_cfg.batch_size * (train_cfg.encoder_length + train_cfg.decoder_length)
-    if jax.process_index() == 0:
+    primary = jax.process_index() == 0
+    if primary:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
             f.write(config.to_json_best_effort(indent=2))
         log.info("%s: %s parameters on mesh %s; peak %.3g FLOP/s per device (%s)", config.name,
                  f"{count_params(model_cfg):,}", sharding.describe(mesh), peak, peak_origin)
+        log.info("starting at step %d from %s", start, origin)
+    saved_json = config_as_json(config)
+    data_state = getattr(source, "get_state", lambda: None)
+    last_checkpoint = checkpointer.step_path(start) if checkpointer and start else None
+    if start >= train_cfg.steps:
+        log.info("step %d >= train.steps=%d: nothing to train (raise --config.train.steps to "
+                 "continue)", start, train_cfg.steps)
+        return RunResult({}, start, False, last_checkpoint)
 
     timer = StepTimer(tokens_per_step=step_tokens, flops_per_step=step_flops,
                       peak_flops_per_s=peak * mesh.size)
     metrics: dict[str, float] = {}
-    try:
-        with MetricsWriter(workdir, process_index=jax.process_index(),
-                           total_steps=train_cfg.steps) as writer:
-            for step in range(1, train_cfg.steps + 1):
-                host_batch = next(batches)
-                batch = sharding.global_batch_from_host(host_batch, mesh)
-                state, step_metrics = step_fn(state, batch)
-                if step == 1:  # throughput windows start after the first (compiling) step
-                    jax.block_until_ready(step_metrics)
-                    timer.start(step)
-                if step % train_cfg.log_every and step != train_cfg.steps:
-                    continue
-                metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                metrics.update(timer.measure(step))
-                metrics.update(batch_fill(host_batch))
-                writer.write(step, metrics)
-    finally:
-        if hasattr(source, "close"):
-            source.close()
-    return metrics
+    step, preempted = start, False
+    with MetricsWriter(workdir, process_index=jax.process_index(),
+                       total_steps=train_cfg.steps, initial_step=start) as writer, \
+            PreemptionWatch() as preemption:
+        while step < train_cfg.steps and not preempted:
+            host_batch = next(source)
+            batch = sharding.global_batch_from_host(host_batch, mesh)
+            state, step_metrics = step_fn(state, batch)
+            step += 1
+            if step == start + 1:  # throughput windows start after the first (compiling) step
+                jax.block_until_ready(step_metrics)
+                timer.start(step)
+            preempted = preemption.should_stop(step)
+            last = step == train_cfg.steps or preempted
+            if checkpointer is not None and checkpointer.save(
+                    step, state, data_state(), saved_json, force=last):
+                last_checkpoint = checkpointer.step_path(step)
+            if step % train_cfg.log_every and not last:
+                continue
+            metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+            metrics.update(timer.measure(step))
+            metrics.update(batch_fill(host_batch))
+            writer.write(step, metrics)
+    if checkpointer is not None:
+        checkpointer.wait()
+    if preempted:
+        log.warning("stopped at step %d on a termination request; checkpoint %s. Run the same "
+                    "command to resume.", step, last_checkpoint)
+    return RunResult(metrics, step, preempted, last_checkpoint)
 
 
 def batch_fill(batch: dict[str, Any]) -> dict[str, float]:

@@ -1,0 +1,285 @@
+"""Checkpoints: exact resume after SIGKILL and SIGTERM, crashes during a save, corruption,
+retention, restoring onto another mesh, and refusing a workdir of a different model.
+
+The resume tests run `python -m launch.train` as separate processes (one CPU device each) on the
+UL2 pipeline, so the data order is part of what must resume exactly; losses are compared bitwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from configs import tiny
+from t5g2 import sharding
+from t5g2.configlib import ConfigError
+from t5g2.train import loop
+from t5g2.train.checkpoint import Checkpointer, CheckpointError, interrupted_saves
+from t5g2.train.preemption import PREEMPTED_EXIT_CODE
+from t5g2.train.state import TrainState
+from tests.test_multihost import REPO, _env
+
+STEPS = 8
+RUN_FLAGS = (
+    "--config", "configs/tiny.py", f"--config.train.steps={STEPS}",
+    "--config.train.log_every=1", "--config.checkpoint.every=2",
+    "--config.train.encoder_length=64", "--config.train.decoder_length=64",
+    "--config.model.encoder.num_layers=2", "--config.model.decoder.num_layers=2",
+    "--config.peak_flops_per_device=1e9",  # no matmul measurement at start
+)
+TIMEOUT_S = 300
+
+
+def _start(workdir: Path, cache: str) -> subprocess.Popen:
+    log = open(workdir.parent / f"{workdir.name}.log", "a", encoding="utf-8")
+    return subprocess.Popen([sys.executable, "-m", "launch.train", *RUN_FLAGS,
+                             "--workdir", str(workdir)], cwd=REPO,
+                            env=_env(1, T5G2_CACHE=cache), stdout=log, stderr=subprocess.STDOUT)
+
+
+def _output(workdir: Path) -> str:
+    return (workdir.parent / f"{workdir.name}.log").read_text()
+
+
+def _finish(proc: subprocess.Popen, workdir: Path, expect: int = 0) -> None:
+    try:
+        code = proc.wait(TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        code = proc.wait()
+    assert code == expect, f"exit {code}, expected {expect}:\n{_output(workdir)[-4000:]}"
+
+
+def _losses(workdir: Path) -> dict[int, float]:
+    """step -> loss; a step logged again after a restore keeps its last value."""
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return {m["step"]: m["loss"] for m in map(json.loads, lines)}
+
+
+def _interrupt_at(workdir: Path, cache: str, step: int, signum: int) -> None:
+    """Starts a run and sends `signum` once it has logged `step`."""
+    proc = _start(workdir, cache)
+    deadline = time.monotonic() + TIMEOUT_S
+    metrics = workdir / "metrics.jsonl"
+    while not (metrics.exists() and max(_losses(workdir), default=0) >= step):
+        assert proc.poll() is None, f"run ended early:\n{_output(workdir)[-4000:]}"
+        assert time.monotonic() < deadline, "run did not reach the step in time"
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    _finish(proc, workdir, expect=-signal.SIGKILL if signum == signal.SIGKILL
+            else PREEMPTED_EXIT_CODE)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache_dir) -> dict[int, float]:
+    workdir = tmp_path_factory.mktemp("resume") / "reference"
+    _finish(_start(workdir, cache_dir), workdir)
+    losses = _losses(workdir)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    return losses
+
+
+def _restored_step(workdir: Path) -> int:
+    out = _output(workdir)
+    marker = "starting at step "
+    return int(out[out.rindex(marker) + len(marker):].split()[0])
+
+
+def test_sigkill_at_any_step_resumes_bitwise(tmp_path, cache_dir, uninterrupted):
+    workdir = tmp_path / "killed"
+    _interrupt_at(workdir, cache_dir, 5, signal.SIGKILL)
+    _finish(_start(workdir, cache_dir), workdir)
+    restored = _restored_step(workdir)
+    assert 2 <= restored <= 5 and restored % 2 == 0
+    resumed = _losses(workdir)
+    assert {s: resumed[s] for s in range(restored + 1, STEPS + 1)} == \
+        {s: uninterrupted[s] for s in range(restored + 1, STEPS + 1)}
+
+
+def test_sigterm_saves_at_the_step_it_stopped_and_resumes_bitwise(tmp_path, cache_dir,
+                                                                  uninterrupted):
+    workdir = tmp_path / "terminated"
+    _interrupt_at(workdir, cache_dir, 3, signal.SIGTERM)
+    stopped = max(_losses(workdir))
+    assert stopped < STEPS
+    assert (workdir / "checkpoints" / str(stopped)).is_dir(), os.listdir(workdir / "checkpoints")
+    assert f"stopped at step {stopped} on a termination request" in _output(workdir)
+    _finish(_start(workdir, cache_dir), workdir)
+    assert _restored_step(workdir) == stopped
+    resumed = _losses(workdir)
+    assert {s: resumed[s] for s in range(stopped + 1, STEPS + 1)} == \
+        {s: uninterrupted[s] for s in range(stopped + 1, STEPS + 1)}
+
+
+# ---------------------------------------------------------------------- checkpoints of a toy state
+
+def _toy(seed: float = 0.0) -> tuple[TrainState, TrainState, TrainState]:
+    """(state, its shardings, its abstract structure) for a small state on one device."""
+    mesh = jax.make_mesh((1,), ("fsdp",), devices=jax.devices()[:1])
+    placed = NamedSharding(mesh, PartitionSpec())
+    state = TrainState(step=jnp.zeros((), jnp.int32),
+                       params={"w": jnp.arange(50_000, dtype=jnp.float32) + seed,
+                               "b": jnp.full((3,), seed, jnp.bfloat16)},
+                       opt_state={"m": jnp.arange(7, dtype=jnp.float32) * seed})
+    shardings = jax.tree.map(lambda _: placed, state)
+    return state, shardings, jax.eval_shape(lambda: state)
+
+
+CONFIG = {"model": {"d_model": 8}}
+
+
+def test_retention_keeps_the_last_k_and_every_mth_and_restores_a_named_step(tmp_path):
+    ckpt = Checkpointer(str(tmp_path), every=1, keep=2, keep_period=4, async_save=False)
+    for step in range(1, 11):
+        assert ckpt.save(step, _toy(step)[0], {"position": step}, CONFIG)
+    ckpt.wait()
+    assert ckpt.steps() == [4, 8, 9, 10]
+    _, shardings, abstract = _toy()
+    restored = ckpt.restore_latest(abstract, shardings, step=4)
+    assert restored.data == {"position": 4}
+    np.testing.assert_array_equal(restored.state.params["w"], _toy(4)[0].params["w"])
+    assert restored.state.params["b"].dtype == jnp.bfloat16
+    assert ckpt.restore_latest(abstract, shardings).step == 10
+    with pytest.raises(CheckpointError, match=r"restore_step=5: .* has steps \[4, 8, 9, 10\]"):
+        ckpt.restore_latest(abstract, shardings, step=5)
+
+
+def _largest_array_file(step_dir: Path) -> Path:
+    files = [p for p in (step_dir / "params").rglob("*") if p.is_file()]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_flip_a_byte, r"is corrupt: 1 arrays differ from what was saved, e.g. \['params/w'\]"),
+    (_truncate, r"is unreadable"),
+])
+def test_a_corrupt_checkpoint_is_an_error_and_falls_back_only_when_asked(tmp_path, damage,
+                                                                          message):
+    ckpt = Checkpointer(str(tmp_path), every=1, keep=5, async_save=False)
+    for step in (1, 2):
+        ckpt.save(step, _toy(step)[0], {"position": step}, CONFIG)
+    damage(_largest_array_file(tmp_path / "checkpoints" / "2"))
+    _, shardings, abstract = _toy()
+    with pytest.raises(CheckpointError, match=message + r".*fallback=true.*restore_step=1"):
+        ckpt.restore_latest(abstract, shardings)
+    assert ckpt.steps() == [1, 2]  # nothing moved without being asked
+    restored = ckpt.restore_latest(abstract, shardings, fallback=True)
+    assert restored.step == 1 and restored.data == {"position": 1}
+    np.testing.assert_array_equal(restored.state.params["w"], _toy(1)[0].params["w"])
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2.corrupt"]
+
+
+_CRASH_IN_SAVE = """
+import os, signal, sys
+import orbax.checkpoint as ocp
+from tests.test_checkpoint import CONFIG, _toy
+from t5g2.train.checkpoint import Checkpointer
+
+ckpt = Checkpointer(sys.argv[1], every=1, keep=5)
+ckpt.save(1, _toy(1)[0], {"position": 1}, CONFIG)
+ckpt.wait()
+
+async def die_while_writing(self, x, directory):  # the metadata half written, then SIGKILL
+    (directory / "metadata").write_text('{"format": "t5g2-chec')
+    os.kill(os.getpid(), signal.SIGKILL)
+
+ocp.JsonCheckpointHandler._save_fn = die_while_writing
+ckpt.save(2, _toy(2)[0], {"position": 2}, CONFIG)
+ckpt.wait()
+"""
+
+
+def test_a_crash_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", _CRASH_IN_SAVE, str(tmp_path)], cwd=REPO,
+                          env=_env(1), capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    leftovers = interrupted_saves(str(tmp_path / "checkpoints"))
+    assert leftovers and all(os.path.basename(p).startswith("2.") for p in leftovers)
+
+    ckpt = Checkpointer(str(tmp_path), every=1, keep=5)
+    assert ckpt.interrupted == leftovers  # detected (and reported) on restart
+    assert ckpt.steps() == [1]
+    _, shardings, abstract = _toy()
+    restored = ckpt.restore_latest(abstract, shardings)
+    assert restored.step == 1 and restored.data == {"position": 1}
+    np.testing.assert_array_equal(restored.state.params["w"], _toy(1)[0].params["w"])
+    assert interrupted_saves(str(tmp_path / "checkpoints")) == []  # cleaned up
+
+
+# ----------------------------------------------------------------------------- the training loop
+
+def _small_config(steps: int, **mesh):
+    config = tiny.get_config()
+    config.train.steps = steps
+    config.train.log_every = 1
+    config.train.encoder_length, config.train.decoder_length = 32, 16
+    config.model.encoder.num_layers = config.model.decoder.num_layers = 2
+    config.data.source = "synthetic"
+    config.peak_flops_per_device = 1e9
+    config.mesh.update(dict(dict(data=-1, fsdp=1, tensor=1), **mesh))
+    return config
+
+
+def test_restoring_onto_another_mesh_gives_the_same_next_loss(tmp_path):
+    saved = tmp_path / "fsdp8"
+    loop.train(_small_config(2, fsdp=8), str(saved))
+    moved = tmp_path / "mesh222"
+    shutil.copytree(saved, moved)
+
+    continued = loop.train(_small_config(3, fsdp=8), str(saved))
+    resharded = loop.train(_small_config(3, data=2, fsdp=2, tensor=2), str(moved))
+    assert continued.step == resharded.step == 3
+    logged = (moved / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(m)["step"] for m in logged] == [1, 2, 3]  # 1 and 2 were not trained again
+    np.testing.assert_allclose(resharded.metrics["loss"], continued.metrics["loss"], rtol=1e-5)
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_a_workdir_of_a_different_model_is_refused_and_left_untouched(tmp_path):
+    loop.train(_small_config(2), str(tmp_path))
+    before = _snapshot(tmp_path)
+    bigger = _small_config(4)
+    bigger.model.encoder.num_layers = 3
+    bigger.model.decoder.d_model = bigger.model.encoder.d_model = 32
+    with pytest.raises(ConfigError) as error:
+        loop.train(bigger, str(tmp_path))
+    message = str(error.value)
+    assert "model.encoder.num_layers=2 in the checkpoint, 3 now" in message
+    assert "model.decoder.d_model=64 in the checkpoint, 32 now" in message
+    assert "nothing was written" in message
+    assert _snapshot(tmp_path) == before
+
+
+def test_a_finished_run_resumes_to_nothing_and_more_steps_continue_it(tmp_path):
+    first = loop.train(_small_config(2), str(tmp_path))
+    again = loop.train(_small_config(2), str(tmp_path))
+    assert again.step == 2 and again.metrics == {} and not again.preempted
+    assert again.checkpoint == first.checkpoint
+    longer = loop.train(_small_config(3), str(tmp_path))
+    assert longer.step == 3 and longer.checkpoint.endswith(os.sep + "3")
