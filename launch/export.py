@@ -1,0 +1,33 @@
+"""Export a training run's checkpoint as a Hugging Face T5Gemma 2 directory.
+
+    python -m launch.export --workdir workdir/tiny --out /tmp/t5g2_hf [--step 300]
+
+The result loads with `transformers.T5Gemma2ForConditionalGeneration.from_pretrained(out)`
+(exporting needs transformers installed, for its config class). The run's sentencepiece model is
+written too when the run used the UL2 pipeline.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from absl import app, flags
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "the training run's workdir")
+_OUT = flags.DEFINE_string("out", None, "the Hugging Face directory to write")
+_STEP = flags.DEFINE_integer("step", None, "the checkpoint step (default: the latest)")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace a non-empty --out directory")
+flags.mark_flags_as_required(["workdir", "out"])
+
+
+def main(argv):
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from t5g2.train.export import export
+
+    result = export(_WORKDIR.value, _OUT.value, step=_STEP.value, overwrite=_OVERWRITE.value)
+    print(f"exported step {result.step} to {result.out}: {', '.join(result.files)}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,118 @@
+"""A training run's checkpoint as a Hugging Face T5Gemma 2 directory.
+
+Reads only the parameters of one step (not the optimizer state) onto one device, converts them
+with t5g2.convert.hf_t5gemma2 and writes config.json + model.safetensors, which
+`transformers.T5Gemma2ForConditionalGeneration.from_pretrained` loads. When the run trained on
+the UL2 pipeline its sentencepiece model is known and is written too, as `tokenizer.model`, with
+`t5g2_vocabulary.json` listing the special, sentinel and mode-token ids the model was trained
+with. No transformers tokenizer config is written: transformers' T5Tokenizer, rebuilt from a
+sentencepiece file, does not reproduce sentencepiece's ids (measured: different ids and an EOS of
+its own), so `sentencepiece.SentencePieceProcessor(model_file=...)` is the way to read it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from typing import Any
+
+import jax
+import ml_collections
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from t5g2 import sharding
+from t5g2.convert import checkpoint_files, hf_t5gemma2
+from t5g2.model import ModelConfig
+from t5g2.model.params import flat_params
+from t5g2.train.checkpoint import Checkpointer, CheckpointError
+from t5g2.train.config import TrainConfig
+from t5g2.train.state import TrainState, model_graphdef
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_MODEL = "tokenizer.model"
+VOCABULARY_NOTE = "t5g2_vocabulary.json"
+
+
+@dataclasses.dataclass
+class Exported:
+    step: int
+    out: str
+    files: list[str]
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    step: int
+    config: dict[str, Any]  # the run's config, as the checkpoint recorded it
+    model_cfg: ModelConfig
+    model: nnx.Module  # the model with the step's parameters, on this host's first device
+
+
+def load_run(workdir: str, step: int | None = None) -> LoadedRun:
+    """The model of step `step` (default: the latest) of a run; reads no optimizer state."""
+    checkpointer = Checkpointer(workdir, read_only=True)
+    try:
+        steps = checkpointer.steps()
+        if not steps:
+            raise CheckpointError(f"{checkpointer.directory} holds no complete checkpoint")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise CheckpointError(f"step {step} is not in {checkpointer.directory}: {steps}")
+        config = checkpointer.saved_config(step)
+        model_cfg = ModelConfig.from_config_dict(config["model"])
+        mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+        graphdef, abstract_params = model_graphdef(model_cfg)
+        shardings = TrainState(step=NamedSharding(mesh, PartitionSpec()),
+                               params=sharding.param_shardings(abstract_params, mesh),
+                               opt_state=None)
+        abstract = TrainState(step=None, params=abstract_params, opt_state=None)
+        params = checkpointer.restore(step, abstract, shardings, items=("params",),
+                                      with_data=False).state.params
+    finally:
+        checkpointer.close()
+    return LoadedRun(step, config, model_cfg, nnx.merge(graphdef, params))
+
+
+def export(workdir: str, out: str, *, step: int | None = None, overwrite: bool = False
+           ) -> Exported:
+    """Writes step `step` (default: the latest) of `workdir`'s checkpoints to `out`."""
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    run = load_run(workdir, step)
+    state_dict = hf_t5gemma2.to_hf_state_dict(flat_params(run.model), run.model_cfg)
+    hf_config = hf_t5gemma2.to_hf_config(run.model_cfg).to_dict()
+    os.makedirs(out, exist_ok=True)
+    checkpoint_files.write_checkpoint(out, state_dict, hf_config)
+    files = ["config.json", checkpoint_files.SINGLE_FILE]
+    files += _write_tokenizer(run.config, out)
+    log.info("exported step %d of %s to %s (%s)", run.step, workdir, out, ", ".join(files))
+    return Exported(step=run.step, out=out, files=files)
+
+
+def _write_tokenizer(config: dict[str, Any], out: str) -> list[str]:
+    """The run's sentencepiece model and sentinel/mode ids, when it used the UL2 pipeline."""
+    if config.get("data", {}).get("source") != "ul2":
+        log.info("no tokenizer written: the run's data source was %r",
+                 config.get("data", {}).get("source"))
+        return []
+    from t5g2.data.denoisers import mixture_from_config
+    from t5g2.data.pipeline import open_vocabulary
+    from t5g2.train.loop import pipeline_config
+
+    train_cfg = TrainConfig.from_config_dict(config["train"])
+    pipeline_cfg = pipeline_config(ml_collections.ConfigDict(config), train_cfg)
+    vocab = open_vocabulary(pipeline_cfg, mixture_from_config(pipeline_cfg.mixture))
+    shutil.copyfile(vocab.model_file, os.path.join(out, TOKENIZER_MODEL))
+    note = dict(sentencepiece_size=vocab.sp_size, extra_ids=vocab.extra_ids, size=vocab.size,
+                pad_id=vocab.pad_id, eos_id=vocab.eos_id, bos_id=vocab.bos_id,
+                unk_id=vocab.unk_id, sentinel_ids=[int(i) for i in vocab.sentinel_ids],
+                mode_ids={t: vocab.mode_id(t) for t in vocab.mode_tokens})
+    with open(os.path.join(out, VOCABULARY_NOTE), "w", encoding="utf-8") as f:
+        json.dump(note, f, indent=2)
+    return [TOKENIZER_MODEL, VOCABULARY_NOTE]

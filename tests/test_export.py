@@ -1,0 +1,65 @@
+"""Export: a trained run's checkpoint becomes a Hugging Face T5Gemma 2 directory that
+transformers loads with the same logits (float32), plus the run's sentencepiece model."""
+
+import json
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+
+from t5g2.data.denoisers import mixture_from_config
+from t5g2.data.pipeline import open_vocabulary
+from t5g2.train import loop
+from t5g2.train.checkpoint import CheckpointError
+from t5g2.train.config import TrainConfig
+from t5g2.train.export import export, load_run
+from tests.test_checkpoint import _small_config
+from tests.test_parity_hf import TOL, _inputs
+
+
+def test_trained_run_exports_to_transformers_with_the_same_logits(tmp_path, cache_dir):
+    from transformers import T5Gemma2ForConditionalGeneration
+
+    config = _small_config(3)
+    config.data.source = "ul2"
+    config.data.ul2.cache_dir = cache_dir
+    config.train.encoder_length = config.train.decoder_length = 64
+    workdir, out = tmp_path / "run", tmp_path / "hf"
+    assert loop.train(config, str(workdir)).step == 3
+
+    exported = export(str(workdir), str(out))
+    assert exported.step == 3
+    run = load_run(str(workdir))
+    hf = T5Gemma2ForConditionalGeneration.from_pretrained(str(out), attn_implementation="eager")
+    enc, enc_mask, dec, dec_mask = _inputs(run.model_cfg)
+    with torch.no_grad():
+        ref = hf.eval()(input_ids=torch.tensor(enc), attention_mask=torch.tensor(enc_mask),
+                        decoder_input_ids=torch.tensor(dec),
+                        decoder_attention_mask=torch.tensor(dec_mask)).logits.numpy()
+    ours = np.asarray(run.model(enc, dec, encoder_segment_ids=enc_mask,
+                                decoder_segment_ids=dec_mask))
+    valid = dec_mask.astype(bool)
+    error = np.abs(ours[valid] - ref[valid]).max()
+    assert error <= TOL, error
+    assert np.abs(ref[valid]).max() > 0.1  # the comparison is not between near-zero logits
+
+    # The run's vocabulary travels with the weights.
+    pipeline_cfg = loop.pipeline_config(config, TrainConfig.from_config_dict(config.train))
+    vocab = open_vocabulary(pipeline_cfg, mixture_from_config(pipeline_cfg.mixture))
+    text = "Return the number of items in a container."
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    assert sp.encode(text) == list(vocab.encode(text))
+    note = json.loads((out / "t5g2_vocabulary.json").read_text())
+    assert note["sentinel_ids"] == vocab.sentinel_ids.tolist()
+    assert note["size"] == vocab.size <= run.model_cfg.vocab_size
+
+
+def test_export_errors_name_the_problem(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoints/ directory"):
+        export(str(tmp_path / "nowhere"), str(tmp_path / "out"))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty; pass --overwrite"):
+        export(str(tmp_path / "nowhere"), str(tmp_path / "out"))
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
