@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The front door.
-#   ./run.sh                 set up .venv (first time only) and run the main job
+#   ./run.sh [run] [FLAGS]   set up .venv (first time only) and run the main job: a short UL2
+#                            adaptation of a tiny Gemma 3 (made here, random) on the embedded
+#                            corpus; FLAGS go to launch.train. Run again: it resumes (rm -r
+#                            workdir/tiny to start over)
 #   ./run.sh test [ARGS]     set up .venv with test extras and run pytest (ARGS go to pytest)
 # Needs only Python 3.11 and pip. PYTHON=... picks the interpreter, VENV=... the environment.
 set -euo pipefail
@@ -20,15 +23,17 @@ setup() {  # $@: requirement files
   fi
 }
 
-mode=${1:-run}
-[ $# -gt 0 ] && shift
+mode=run
+case "${1:-}" in run|test) mode=$1; shift ;; esac
 case "$mode" in
   run)
     setup requirements.txt
-    exec "$VENV/bin/python" -m launch.train --config configs/tiny.py --workdir workdir/tiny "$@" ;;
+    gemma3=workdir/tiny_gemma3
+    [ -f "$gemma3/config.json" ] ||
+      "$VENV/bin/python" -m launch.make_gemma3 --config configs/tiny.py --out "$gemma3"
+    exec "$VENV/bin/python" -m launch.train --config configs/tiny.py --workdir workdir/tiny \
+      --config.init.from_gemma3="$gemma3" "$@" ;;
   test)
     setup requirements.txt requirements-test.txt
     exec "$VENV/bin/python" -m pytest "$@" ;;
-  *)
-    echo "usage: ./run.sh [run|test] [args...]" >&2; exit 2 ;;
 esac
