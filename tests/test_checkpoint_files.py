@@ -67,3 +67,34 @@ def test_tied_copies_must_agree():
     bad = {**sd, "lm_head.out_proj.weight": sd["model.encoder.embed_tokens.weight"] + 1}
     with pytest.raises(ValueError, match="lm_head.out_proj.weight differs"):
         hf_t5gemma2.from_hf_state_dict(bad, CFG)
+
+
+def test_sharded_write_is_laid_out_as_save_pretrained_does(tmp_path):
+    """Shards as huggingface_hub splits them (what save_pretrained uses); read back exactly."""
+    import torch
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    sd = _state_dict()
+    files = checkpoint_files.write_checkpoint(str(tmp_path), sd, {"model_type": "t5gemma2"},
+                                              max_shard_bytes=200_000)
+    split = split_torch_state_dict_into_shards({k: torch.from_numpy(v) for k, v in sd.items()},
+                                               max_shard_size=200_000)
+    index = json.loads((tmp_path / checkpoint_files.INDEX_FILE).read_text())
+    assert len(split.filename_to_tensors) > 2
+    assert index["weight_map"] == split.tensor_to_filename
+    assert index["metadata"]["total_size"] == split.metadata["total_size"]
+    assert files == ["config.json", *sorted(split.filename_to_tensors), checkpoint_files.INDEX_FILE]
+    back = checkpoint_files.read_state_dict(str(tmp_path))
+    assert back.keys() == sd.keys() and all(np.array_equal(back[k], sd[k]) for k in sd)
+
+
+def test_rewriting_a_directory_leaves_no_stale_shards(tmp_path):
+    sd = _state_dict()
+    checkpoint_files.write_checkpoint(str(tmp_path), sd, {}, max_shard_bytes=200_000)
+    (tmp_path / "tokenizer.model").write_bytes(b"kept")
+    smaller = {k: v for k, v in sd.items() if "layers.6." not in k}
+    assert checkpoint_files.write_checkpoint(str(tmp_path), smaller, {}) == [
+        "config.json", checkpoint_files.SINGLE_FILE]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "config.json", checkpoint_files.SINGLE_FILE, "tokenizer.model"]
+    assert checkpoint_files.read_state_dict(str(tmp_path)).keys() == smaller.keys()

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Mapping
 
 import numpy as np
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+SHARD_FILE = "model-{index:05d}-of-{count:05d}.safetensors"
+_SHARD_PATTERN = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
 class CheckpointError(ValueError):
@@ -22,6 +25,9 @@ class CheckpointError(ValueError):
 
 def read_config(path: str) -> dict[str, Any]:
     file = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path} does not exist: no config.json to read (expected a Hugging "
+                              "Face checkpoint directory)")
     if not os.path.isfile(file):
         raise CheckpointError(f"{path}: no config.json (is this a Hugging Face checkpoint dir?)")
     try:
@@ -65,13 +71,58 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     return tensors
 
 
+def split_into_shards(state_dict: Mapping[str, np.ndarray],
+                      max_shard_bytes: int) -> list[dict[str, np.ndarray]]:
+    """Tensors in order, a new shard whenever the next would push one past `max_shard_bytes`; a
+    bigger tensor gets a shard of its own (huggingface_hub's split, as `save_pretrained` does)."""
+    shards: list[dict[str, np.ndarray]] = []
+    current: dict[str, np.ndarray] = {}
+    size = 0
+    for key, tensor in state_dict.items():
+        if tensor.nbytes > max_shard_bytes:
+            shards.append({key: tensor})
+            continue
+        if current and size + tensor.nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = tensor
+        size += tensor.nbytes
+    return shards + [current] if current else shards
+
+
+def _remove_weights(path: str) -> None:
+    """Deletes an earlier write's weight files, so a stale index or shard cannot outlive it."""
+    for name in os.listdir(path):
+        if name in (SINGLE_FILE, INDEX_FILE) or _SHARD_PATTERN.fullmatch(name):
+            os.remove(os.path.join(path, name))
+
+
 def write_checkpoint(path: str, state_dict: Mapping[str, np.ndarray],
-                     config: Mapping[str, Any]) -> None:
-    """One model.safetensors plus config.json (what `from_pretrained` reads)."""
+                     config: Mapping[str, Any], max_shard_bytes: int | None = None) -> list[str]:
+    """config.json plus the tensors as `from_pretrained` reads them: one model.safetensors, or
+    with `max_shard_bytes` and more than that many bytes, numbered shards and
+    model.safetensors.index.json laid out as `save_pretrained` writes them. Returns the file
+    names written."""
     from safetensors.numpy import save_file
 
     os.makedirs(path, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()},
-              os.path.join(path, SINGLE_FILE), metadata={"format": "pt"})
-    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(dict(config), f, indent=2, sort_keys=True)
+    _remove_weights(path)
+    tensors = {k: np.ascontiguousarray(v) for k, v in state_dict.items()}
+    shards = (split_into_shards(tensors, max_shard_bytes) if max_shard_bytes else []) or [tensors]
+    names = ([SINGLE_FILE] if len(shards) == 1 else
+             [SHARD_FILE.format(index=i + 1, count=len(shards)) for i in range(len(shards))])
+    for name, shard in zip(names, shards):
+        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_parameters": sum(t.size for t in tensors.values()),
+                              "total_size": sum(t.nbytes for t in tensors.values())},
+                 "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
+        _write_json(os.path.join(path, INDEX_FILE), index)
+        names.append(INDEX_FILE)
+    _write_json(os.path.join(path, "config.json"), dict(config))
+    return ["config.json"] + names
+
+
+def _write_json(file: str, value: Mapping[str, Any]) -> None:
+    with open(file, "w", encoding="utf-8") as f:
+        f.write(json.dumps(value, indent=2, sort_keys=True) + "\n")
