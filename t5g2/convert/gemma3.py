@@ -1,4 +1,6 @@
-"""Adaptation initialisation: a decoder-only Gemma 3 becomes a T5Gemma 2 encoder-decoder.
+"""Adaptation initialisation: a decoder-only Gemma 3 becomes a T5Gemma 2 encoder-decoder; and
+back: a t5g2 decoder written as a Gemma 3 causal LM (`to_gemma3_config`, `to_gemma3_state_dict`,
+no torch or transformers needed), e.g. for stand-in checkpoints of any size.
 
 Encoder and decoder both start from the Gemma 3 weights. With merged attention the decoder needs
 no new weights: masking every encoder position out makes it exactly the Gemma 3 causal LM. With a
@@ -21,8 +23,8 @@ import numpy as np
 
 from t5g2.convert import checkpoint_files
 from t5g2.convert.hf_config import (TEXT_DEFAULTS, TensorSource, as_dict, first_id,
-                                   stack_from_hf_text, to_numpy)
-from t5g2.convert.layout import LAYER_WEIGHTS, stack_layers, to_t5g2
+                                   hf_text_from_stack, stack_from_hf_text, to_numpy)
+from t5g2.convert.layout import LAYER_WEIGHTS, stack_layers, to_t5g2, to_torch, unstack_layers
 from t5g2.model.config import ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,8 @@ _GEMMA3_NAMES = {"pre_self_attn_layernorm.weight": "input_layernorm.weight",
 _TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
 _HEAD_KEYS = ("lm_head.weight", "language_model.lm_head.weight")
 _VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.")
+# config.json model_type of Gemma3ForCausalLM and of the multimodal Gemma3ForConditionalGeneration.
+MODEL_TYPES = ("gemma3_text", "gemma3")
 
 
 def config_from_gemma3(gemma3_config: Any, *, vocab_size: int | None = None,
@@ -45,6 +49,9 @@ def config_from_gemma3(gemma3_config: Any, *, vocab_size: int | None = None,
     overrides: any ModelConfig field, e.g. cross_attention='separate', tie_embeddings=False.
     """
     d = as_dict(gemma3_config)
+    if d.get("model_type", MODEL_TYPES[0]) not in MODEL_TYPES:
+        raise ConfigError(f"model_type={d['model_type']!r}: expected a Gemma 3 config "
+                          f"({' or '.join(map(repr, MODEL_TYPES))})")
     d = d.get("text_config") or d  # a multimodal Gemma3Config nests the text config
     stack = stack_from_hf_text(d, "gemma3")
     fields = dict(
@@ -120,6 +127,33 @@ def adapt_state_dict(state_dict: Mapping[str, Any], cfg: ModelConfig) -> dict[st
 
     sd.check_all_taken()
     return flat
+
+
+def to_gemma3_config(cfg: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
+    """The config.json of the Gemma 3 causal LM that `cfg`'s decoder stack is."""
+    return dict(
+        model_type=MODEL_TYPES[0], architectures=["Gemma3ForCausalLM"], dtype=dtype,
+        tie_word_embeddings=cfg.tie_embeddings,
+        **hf_text_from_stack(cfg.decoder, vocab_size=cfg.vocab_size, pad_token_id=cfg.pad_id,
+                             eos_token_id=cfg.eos_id, bos_token_id=cfg.bos_id,
+                             final_logit_softcapping=cfg.final_logit_softcap))
+
+
+def to_gemma3_state_dict(flat: Mapping[str, np.ndarray],
+                         cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """The Gemma3ForCausalLM state dict of `cfg`'s decoder, named as `save_pretrained` writes it
+    (a tied lm_head omitted): the decoder half of `adapt_state_dict` inverted. Separate
+    cross-attention blocks and the learned EOI vector have no Gemma 3 counterpart and are left
+    out."""
+    untied = not cfg.tie_embeddings
+    sd = {"model.embed_tokens.weight": flat["decoder_embed/table" if untied else "embed/table"]}
+    for i, weights in unstack_layers(cfg.decoder, "decoder/layers", flat).items():
+        for hf, ours, layout in LAYER_WEIGHTS:
+            sd[f"model.layers.{i}.{_GEMMA3_NAMES.get(hf, hf)}"] = to_torch(weights[ours], layout)
+    sd["model.norm.weight"] = flat["decoder/final_norm/scale"]
+    if untied:
+        sd["lm_head.weight"] = flat["lm_head"]
+    return {k: np.asarray(v) for k, v in sd.items()}
 
 
 def load_gemma3(path: str, **overrides: Any) -> tuple[ModelConfig, dict[str, np.ndarray]]:
