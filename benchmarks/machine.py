@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import sys
 from importlib import metadata
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 
 def package_versions(names: Iterable[str]) -> dict[str, str | None]:
@@ -40,3 +42,24 @@ def describe() -> dict[str, Any]:
     except AttributeError:
         pass
     return env
+
+
+def config_main(argv: list[str] | None, define_flags: Callable[[], None],
+                run: Callable[[Any, Any], dict[str, Any]]) -> None:
+    """The command line of a benchmark of one config: `--config configs/<size>.py` (any field
+    overridable, e.g. `--config.model.encoder.d_model=512`) plus the absl flags `define_flags()`
+    declares; prints `run(config, flags.FLAGS)` as one JSON object."""
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flag = config_flags.DEFINE_config_file("config", None, "config file (configs/*.py)",
+                                                  lock_config=True)
+    define_flags()
+    flags.mark_flags_as_required(["config"])
+
+    def _main(argv):
+        del argv
+        print(json.dumps(run(config_flag.value, flags.FLAGS), indent=2))
+        sys.stdout.flush()
+
+    app.run(_main, argv=argv)

@@ -2,6 +2,7 @@
 the same weights and batch give the same first-step loss in t5g2 and the reference."""
 
 import json
+import os
 
 from configs import tiny
 from benchmarks import train_step
@@ -85,3 +86,28 @@ def test_data_pipeline_benchmark_reports_both_pipelines(capsys, cache_dir):
     assert result["environment"]["cpu_count"] >= 1
     assert set(result["environment"]["versions"]) >= {"grain", "seqio", "tensorflow",
                                                       "sentencepiece"}
+
+
+def test_checkpoint_benchmark_reports_both_sides(tmp_path):
+    """benchmarks.checkpoint on the tiny config, one round: both sides save and restore bit for
+    bit, the JSON has its keys, and the bytes on disk are positive."""
+    from benchmarks import checkpoint
+
+    out = checkpoint.run(tiny.get_config(), repeats=1, warmup=0, directory=str(tmp_path),
+                         isolate=False)
+    json.dumps(out)  # JSON-able as printed
+    assert out["model"]["dtype"] == "float32" and out["repeats"] == 1
+    assert {"load_average_1min", "load_average_1min_at_end"} <= set(out["environment"])
+    t5g2, torch = out["t5g2"], out["torch"]
+    assert {"save_blocking_s_median", "durable_s_median", "restore_s_median", "bytes_on_disk",
+            "array_bytes", "restored_bitwise_equal"} <= set(t5g2)
+    assert {"save_s_median", "load_s_median", "bytes_on_disk", "array_bytes",
+            "restored_bitwise_equal"} <= set(torch)
+    assert t5g2["restored_bitwise_equal"] is True and torch["restored_bitwise_equal"] is True
+    assert t5g2["bytes_on_disk"] > 0 and torch["bytes_on_disk"] > 0
+    assert t5g2["parameters"] == torch["trained_parameters"] == out["model"]["parameters"]
+    assert 0 < t5g2["save_blocking_s_median"] <= t5g2["durable_s_median"]
+    assert set(out["ratios"]) >= {"torch_save_over_t5g2_blocking", "torch_save_over_t5g2_durable",
+                                  "torch_load_over_t5g2_restore"}
+    assert all(r > 0 for r in out["ratios"].values())
+    assert os.listdir(tmp_path) == []  # every round's directory removed
