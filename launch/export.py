@@ -23,6 +23,7 @@ flags.mark_flags_as_required(["workdir", "out"])
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it opens
     from t5g2.train.export import export
 
     result = export(_WORKDIR.value, _OUT.value, step=_STEP.value, overwrite=_OVERWRITE.value)

@@ -36,11 +36,10 @@ def random_gemma3(cfg: ModelConfig, seed: int) -> tuple[dict, dict[str, np.ndarr
 
 
 def make_gemma3(cfg: ModelConfig, out: str, *, seed: int = 0, max_shard_bytes: int | None = None,
-                force: bool = False) -> list[str]:
+                overwrite: bool = False) -> list[str]:
     """Writes the checkpoint to `out`; returns the file names. A non-empty `out` is refused
-    unless `force`."""
-    if os.path.isdir(out) and os.listdir(out) and not force:
-        raise FileExistsError(f"{out} exists and is not empty; pass --force to replace it")
+    unless `overwrite`."""
+    checkpoint_files.require_empty(out, overwrite)
     config, state_dict = random_gemma3(cfg, seed)
     return checkpoint_files.write_checkpoint(out, state_dict, config, max_shard_bytes)
 
@@ -50,7 +49,7 @@ def main(argv) -> None:
     cfg = ModelConfig.from_config_dict(_CONFIG.value.model)
     max_bytes = int(_MAX_SHARD_MB.value * 1e6) if _MAX_SHARD_MB.value > 0 else None
     files = make_gemma3(cfg, _OUT.value, seed=_SEED.value, max_shard_bytes=max_bytes,
-                        force=_FORCE.value)
+                        overwrite=_OVERWRITE.value)
     d = cfg.decoder
     size = sum(os.path.getsize(os.path.join(_OUT.value, f)) for f in files)
     print(f"wrote a random Gemma 3 (seed {_SEED.value}: {d.num_layers} layers, d_model "
@@ -71,6 +70,6 @@ if __name__ == "__main__":
     # Small by default so the stand-in takes the sharded path a real Gemma 3 download takes.
     _MAX_SHARD_MB = flags.DEFINE_float("max_shard_mb", 1.0,
                                        "safetensors shard size limit in MB (0: one file)")
-    _FORCE = flags.DEFINE_bool("force", False, "replace a non-empty --out directory")
+    _OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace a non-empty --out directory")
     flags.mark_flags_as_required(["config", "out"])
     app.run(main)

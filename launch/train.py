@@ -35,6 +35,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it opens
     distributed.initialize()
     import jax
 

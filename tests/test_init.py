@@ -149,7 +149,7 @@ def test_make_gemma3_writes_a_gemma3_that_the_tiny_run_adapts(tmp_path):
     assert all(np.array_equal(back[k], written[k]) for k in written)
     norm = back["model.layers.0.input_layernorm.weight"]
     assert 0.05 < norm.std() < 0.2 and np.all(norm != 0)
-    with pytest.raises(FileExistsError, match="not empty; pass --force"):
+    with pytest.raises(FileExistsError, match="not empty; pass --overwrite"):
         make_gemma3(cfg, str(tmp_path))
 
     state, origin, _, _ = _start(cfg, from_gemma3=str(tmp_path))  # the tiny config: no mismatch

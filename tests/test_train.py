@@ -84,7 +84,7 @@ def test_launch_train_runs_from_a_config(tmp_path):
         assert np.isfinite(metrics[key]), key
     assert 0 < metrics["mfu"] < 1
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines] == [3, 6]
+    assert [x["step"] for x in lines] == [1, 3, 6]  # the first step, then every 3rd
     assert list((tmp_path / "tensorboard").iterdir())
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["model"]["cross_attention"] == "merged"

@@ -97,6 +97,13 @@ def _remove_weights(path: str) -> None:
             os.remove(os.path.join(path, name))
 
 
+def require_empty(out: str, overwrite: bool) -> None:
+    """Refuses to write into a non-empty directory unless `overwrite`: nothing is lost by
+    mistake."""
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+
+
 def write_checkpoint(path: str, state_dict: Mapping[str, np.ndarray],
                      config: Mapping[str, Any], max_shard_bytes: int | None = None) -> list[str]:
     """config.json plus the tensors as `from_pretrained` reads them: one model.safetensors, or

@@ -82,14 +82,12 @@ def load_run(workdir: str, step: int | None = None) -> LoadedRun:
 def export(workdir: str, out: str, *, step: int | None = None, overwrite: bool = False
            ) -> Exported:
     """Writes step `step` (default: the latest) of `workdir`'s checkpoints to `out`."""
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    checkpoint_files.require_empty(out, overwrite)
     run = load_run(workdir, step)
     state_dict = hf_t5gemma2.to_hf_state_dict(flat_params(run.model), run.model_cfg)
     hf_config = hf_t5gemma2.to_hf_config(run.model_cfg).to_dict()
     os.makedirs(out, exist_ok=True)
-    checkpoint_files.write_checkpoint(out, state_dict, hf_config)
-    files = ["config.json", checkpoint_files.SINGLE_FILE]
+    files = checkpoint_files.write_checkpoint(out, state_dict, hf_config)
     files += _write_tokenizer(run.config, out)
     log.info("exported step %d of %s to %s (%s)", run.step, workdir, out, ", ".join(files))
     return Exported(step=run.step, out=out, files=files)

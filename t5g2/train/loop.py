@@ -208,14 +208,14 @@ def _run(config, workdir, model_cfg, train_cfg, mesh, step_fn, source, checkpoin
             if checkpointer is not None and checkpointer.save(
                     step, state, data_state(), saved_json, force=last):
                 last_checkpoint = checkpointer.step_path(step)
-            if step % train_cfg.log_every and not last:
+            if step % train_cfg.log_every and not last and step != start + 1:
                 continue
             metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
             metrics.update(timer.measure(step))
             metrics.update(batch_fill(host_batch))
             writer.write(step, metrics)
-    if checkpointer is not None:
-        checkpointer.wait()
+        if checkpointer is not None:  # still under the watch: a second SIGTERM can't cut it
+            checkpointer.wait()
     if preempted:
         log.warning("stopped at step %d on a termination request; checkpoint %s. Run the same "
                     "command to resume.", step, last_checkpoint)
