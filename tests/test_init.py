@@ -20,6 +20,7 @@ from t5g2.convert import checkpoint_files, gemma3
 from t5g2.convert.checkpoint_files import CheckpointError
 from t5g2.model import ModelConfig
 from t5g2.model.params import abstract_model, load_params
+from t5g2.train import loop
 from t5g2.train.config import TrainConfig
 from t5g2.train.init import initial_train_state
 from t5g2.train.optimizer import make_optimizer
@@ -76,16 +77,44 @@ def test_gemma3_init_is_the_converted_model_placed_on_a_2x2x2_mesh(tmp_path):
     assert origin == f"Gemma 3 checkpoint {tmp_path} (adapted: 41 tensors)"
     _assert_placed(state, shardings)
 
-    _, flat = gemma3.load_gemma3(str(tmp_path), vocab_size=CFG.vocab_size,
-                                 eoi_token_id=CFG.eoi_token_id, dtype="float32")
-    converted = abstract_model(CFG)
-    load_params(converted, flat)
-    converted = jax.device_put(nnx.state(converted, nnx.Param), shardings.params)
     batch = _batch(CFG)
-    ours, reference = (_loss(CFG, p, batch, mesh) for p in (state.params, converted))
+    ours, reference = (_loss(CFG, p, batch, mesh)
+                       for p in (state.params, _converted(tmp_path, shardings.params)))
     # Measured: 6.854846 both (diff 1e-6), a uniform guess's ln(512) = 6.238.
     assert abs(ours - reference) <= 1e-5
     assert abs(ours - np.log(CFG.vocab_size)) > 0.3
+
+
+def _converted(path, shardings) -> nnx.State:
+    """The parameters `gemma3.load_gemma3` + `load_params` give (the conversion on its own)."""
+    _, flat = gemma3.load_gemma3(str(path), vocab_size=CFG.vocab_size,
+                                 eoi_token_id=CFG.eoi_token_id, dtype="float32")
+    converted = abstract_model(CFG)
+    load_params(converted, flat)
+    return jax.device_put(nnx.state(converted, nnx.Param), shardings)
+
+
+def test_an_adaptation_run_starts_at_the_converted_models_loss(tmp_path):
+    """launch.train's path: --config.init.from_gemma3 on a sharded save_pretrained directory;
+    step 1's logged loss is the loss of the parameters before the first update."""
+    source = tmp_path / "gemma3"
+    hf_gemma3_model(CFG, seed=3).save_pretrained(source, max_shard_size="100KB")
+    config = tiny.get_config()
+    config.model = ml_collections.ConfigDict(CFG.to_dict())
+    config.init.from_gemma3 = str(source)
+    config.data.source = "synthetic"
+    config.train.update(steps=1, encoder_length=24, decoder_length=16)
+    config.peak_flops_per_device = 1e9
+    result = loop.train(config, str(tmp_path / "run"))
+
+    train_cfg = TrainConfig.from_config_dict(config.train)
+    first_batch = next(loop.make_source(config, CFG, train_cfg))
+    mesh = sharding.make_mesh(config.mesh)
+    tx, _ = make_optimizer(train_cfg)
+    converted = _converted(source, state_shardings(CFG, tx, mesh).params)
+    reference = _loss(CFG, converted, sharding.global_batch_from_host(first_batch, mesh), mesh)
+    assert result.metrics["loss"] == pytest.approx(reference, abs=1e-5)
+    assert abs(reference - np.log(CFG.vocab_size)) > 0.3  # not a uniform guess
 
 
 def test_random_init_without_a_checkpoint():

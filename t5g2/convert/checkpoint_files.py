@@ -20,7 +20,8 @@ _SHARD_PATTERN = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint directory is missing, incomplete or unreadable; the message says which file."""
+    """A checkpoint (a Hugging Face directory or a run's own) is missing, incomplete, corrupt or
+    unreadable; the message says which file or step."""
 
 
 def read_config(path: str) -> dict[str, Any]:

@@ -30,6 +30,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 
 from t5g2.configlib import ConfigError
+from t5g2.convert.checkpoint_files import CheckpointError  # one error for every checkpoint kind
 from t5g2.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -42,10 +43,6 @@ ARRAY_ITEMS = ("params", "opt_state")
 COMPUTE_ONLY_MODEL_FIELDS = frozenset({"dtype", "remat", "attention_query_chunk"})
 _TMP_MARK = ".orbax-checkpoint-tmp"
 CORRUPT_SUFFIX = ".corrupt"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, corrupt or does not fit this run."""
 
 
 # ----------------------------------------------------------------------------------------------
