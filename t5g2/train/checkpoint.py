@@ -109,12 +109,24 @@ def _fingerprints(arrays: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return {k: _fingerprint(v) for k, v in arrays.items()}
 
 
+def start_fingerprints(items: Mapping[str, Mapping[str, jax.Array]]) -> dict[str, jax.Array]:
+    """{"item/name": fingerprint}, dispatched without waiting: the values are device arrays."""
+    return {f"{item}/{k}": v for item, arrays in items.items()
+            for k, v in _fingerprints(dict(arrays)).items()}
+
+
 def fingerprints(items: Mapping[str, Mapping[str, jax.Array]]) -> dict[str, int]:
-    prints = {}
-    for item, arrays in items.items():
-        for k, v in jax.device_get(_fingerprints(dict(arrays))).items():
-            prints[f"{item}/{k}"] = int(v)
-    return prints
+    return {k: int(v) for k, v in jax.device_get(start_fingerprints(items)).items()}
+
+
+class MetaHandler(ocp.JsonCheckpointHandler):
+    """orbax's JSON handler, fetching the fingerprints in its background write: a save blocks
+    the training loop only for orbax's device-to-host copy, not for the reduction."""
+
+    async def _save_fn(self, x, directory):
+        x = dict(x, fingerprints={k: int(v) for k, v in
+                                  jax.device_get(x["fingerprints"]).items()})
+        await super()._save_fn(x, directory)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,8 +233,8 @@ class Checkpointer:
             handlers.add(item, ocp.args.StandardRestore, ocp.StandardCheckpointHandler())
         handlers.add("data", ProcessJsonSave, ProcessJsonHandler())
         handlers.add("data", ProcessJsonRestore, ProcessJsonHandler())
-        handlers.add("meta", ocp.args.JsonSave, ocp.JsonCheckpointHandler())
-        handlers.add("meta", ocp.args.JsonRestore, ocp.JsonCheckpointHandler())
+        handlers.add("meta", ocp.args.JsonSave, MetaHandler())
+        handlers.add("meta", ocp.args.JsonRestore, MetaHandler())
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=every, max_to_keep=keep, keep_period=keep_period or None,
             enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only,
@@ -267,7 +279,7 @@ class Checkpointer:
             return False
         items = {item: flatten(getattr(state, item)) for item in ARRAY_ITEMS}
         meta = dict(format=FORMAT, step=step, config=dict(config), time=time.time(),
-                    fingerprints=fingerprints(items))
+                    fingerprints=start_fingerprints(items))
         args = {item: ocp.args.StandardSave(arrays) for item, arrays in items.items()}
         return self.manager.save(step, force=True, args=ocp.args.Composite(
             meta=ocp.args.JsonSave(meta), data=ProcessJsonSave(data_state), **args))
