@@ -31,9 +31,10 @@ as in benchmarks.train_step).
 
 What is measured, per round, each into a fresh directory under `--dir`:
 * t5g2 `save_blocking_s`: how long `Checkpointer.save` blocks the caller, i.e. what a training
-  step waits for. The save is asynchronous: it blocks for the arrays' fingerprints (a jitted
-  reduction) and the device-to-host copy (the next step may donate the buffers; on a CPU backend
-  a memory copy), then orbax writes in background threads while training continues;
+  step waits for. The save is asynchronous: it blocks for dispatching the arrays' fingerprints
+  (a jitted reduction, fetched in the background) and orbax's device-to-host copy (the next step
+  may donate the buffers; on a CPU backend a memory copy) plus its per-array bookkeeping, then
+  orbax writes in background threads while training continues;
 * t5g2 `durable_s`: from the start of `save` until `wait()` returns: the whole write;
 * t5g2 `restore_s`: `Checkpointer.restore` onto the same mesh (a fresh Checkpointer, as a
   restarted run makes one), until the arrays are ready. It includes checking every array against
