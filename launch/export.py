@@ -9,9 +9,9 @@ written too when the run used the UL2 pipeline.
 
 from __future__ import annotations
 
-import logging
-
 from absl import app, flags
+
+from launch.cli import setup_logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "the training run's workdir")
 _OUT = flags.DEFINE_string("out", None, "the Hugging Face directory to write")
@@ -22,8 +22,7 @@ flags.mark_flags_as_required(["workdir", "out"])
 
 def main(argv):
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it opens
+    setup_logging()
     from t5g2.train.export import export
 
     result = export(_WORKDIR.value, _OUT.value, step=_STEP.value, overwrite=_OVERWRITE.value)

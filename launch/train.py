@@ -24,6 +24,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from launch.cli import setup_logging
 from t5g2 import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file (configs/*.py)",
@@ -34,8 +35,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it opens
+    setup_logging()
     distributed.initialize()
     import jax
 

@@ -172,8 +172,7 @@ def _run(config, workdir, model_cfg, train_cfg, mesh, step_fn, source, checkpoin
     step_flops = train_cfg.batch_size * train_flops(model_cfg, train_cfg.encoder_length,
                                                     train_cfg.decoder_length)
     step_tokens = train_cfg.batch_size * (train_cfg.encoder_length + train_cfg.decoder_length)
-    primary = jax.process_index() == 0
-    if primary:
+    if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
             f.write(config.to_json_best_effort(indent=2))
@@ -205,9 +204,9 @@ def _run(config, workdir, model_cfg, train_cfg, mesh, step_fn, source, checkpoin
                 timer.start(step)
             preempted = preemption.should_stop(step)
             last = step == train_cfg.steps or preempted
-            if checkpointer is not None and checkpointer.save(
-                    step, state, data_state(), saved_json, force=last):
-                last_checkpoint = checkpointer.step_path(step)
+            if checkpointer is not None and (last or checkpointer.should_save(step)):
+                if checkpointer.save(step, state, data_state(), saved_json, force=True):
+                    last_checkpoint = checkpointer.step_path(step)
             if step % train_cfg.log_every and not last and step != start + 1:
                 continue
             metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
