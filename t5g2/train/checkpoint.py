@@ -26,6 +26,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 
@@ -39,10 +40,13 @@ FORMAT = "t5g2-checkpoint-1"
 CHECKPOINT_DIR = "checkpoints"
 ARRAY_ITEMS = ("params", "opt_state")
 # Model fields that change how the model computes, not its parameters: a checkpoint restores
-# across them. Every other model field must match the checkpoint's.
+# across them. Every other model field must match the checkpoint's (param_dtype and scan_layers
+# too: the saved arrays have that dtype and layout, unlike a Hugging Face checkpoint, which
+# t5g2.train.init converts into any).
 COMPUTE_ONLY_MODEL_FIELDS = frozenset({"dtype", "remat", "attention_query_chunk"})
 _TMP_MARK = ".orbax-checkpoint-tmp"
 CORRUPT_SUFFIX = ".corrupt"
+SUPERSEDED_SUFFIX = ".superseded"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,9 +139,6 @@ class MetaHandler(ocp.JsonCheckpointHandler):
 class ProcessJsonHandler(ocp.JsonCheckpointHandler):
     """Saves each process's own JSON (its data-iterator position) as process_<i>-of-<n>.json."""
 
-    def __init__(self):
-        super().__init__()
-
     @staticmethod
     def _name() -> str:
         return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
@@ -207,9 +208,10 @@ class Restored:
 class Checkpointer:
     """Saves and restores a run's checkpoints under <workdir>/checkpoints.
 
-    every: save when step % every == 0 (plus `save(..., force=True)`: the last step, SIGTERM).
-    keep: keep the newest `keep`; keep_period: also keep every keep_period-th step (0: none).
-    read_only: for readers (export): nothing in the workdir is created, cleaned or deleted.
+    every: `should_save(step)` when step % every == 0 (the loop also saves its last step and on
+    SIGTERM). keep: keep the newest `keep`; keep_period: also keep every keep_period-th step
+    (0: none). read_only: for readers (export). Nothing in the workdir changes until the run has
+    been checked against it and calls `prepare_to_continue`.
     """
 
     def __init__(self, workdir: str, *, every: int = 1, keep: int = 1, keep_period: int = 0,
@@ -224,8 +226,8 @@ class Checkpointer:
                                   "workdir of a training run?)")
         self.interrupted = interrupted_saves(self.directory)
         for path in [] if read_only else self.interrupted:
-            log.warning("found %s: a save was interrupted before it completed; it is ignored "
-                        "(and removed), the earlier checkpoints are intact", path)
+            log.warning("found %s: a save was interrupted before it completed; it is ignored, "
+                        "the earlier checkpoints are intact", path)
         self.every = every
         handlers = ocp.handlers.DefaultCheckpointHandlerRegistry()
         for item in ARRAY_ITEMS:
@@ -236,8 +238,8 @@ class Checkpointer:
         handlers.add("meta", ocp.args.JsonSave, MetaHandler())
         handlers.add("meta", ocp.args.JsonRestore, MetaHandler())
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=every, max_to_keep=keep, keep_period=keep_period or None,
-            enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only,
+            max_to_keep=keep, keep_period=keep_period or None,
+            enable_async_checkpointing=async_save, cleanup_tmp_directories=False,
             create=not read_only, read_only=read_only)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              handler_registry=handlers)
@@ -245,10 +247,6 @@ class Checkpointer:
     # -- queries -------------------------------------------------------------------------------
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
-
-    def latest_step(self) -> int | None:
-        steps = self.steps()
-        return steps[-1] if steps else None
 
     def step_path(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
@@ -272,16 +270,17 @@ class Checkpointer:
     def should_save(self, step: int) -> bool:
         return step % self.every == 0
 
-    def save(self, step: int, state: TrainState, data_state: Any, config: Mapping[str, Any],
-             *, force: bool = False) -> bool:
-        """Starts saving `state` as step `step` (asynchronously); returns whether it saves."""
-        if not (force or self.should_save(step)) or step in self.manager.all_steps():
-            return False
+    def save(self, step: int, state: TrainState, data_state: Any,
+             config: Mapping[str, Any]) -> None:
+        """Starts saving `state` as step `step` (asynchronously; `wait` for it)."""
+        if step in self.manager.all_steps():
+            raise CheckpointError(f"{self.step_path(step)} already exists; a run continues only "
+                                  "from its latest checkpoint (see prepare_to_continue)")
         items = {item: flatten(getattr(state, item)) for item in ARRAY_ITEMS}
         meta = dict(format=FORMAT, step=step, config=dict(config), time=time.time(),
                     fingerprints=start_fingerprints(items))
         args = {item: ocp.args.StandardSave(arrays) for item, arrays in items.items()}
-        return self.manager.save(step, force=True, args=ocp.args.Composite(
+        self.manager.save(step, force=True, args=ocp.args.Composite(
             meta=ocp.args.JsonSave(meta), data=ProcessJsonSave(data_state), **args))
 
     def wait(self) -> None:
@@ -299,24 +298,28 @@ class Checkpointer:
 
         abstract_state: the train state's structure (`state.abstract_train_state`); items: which
         array items to read (export reads only "params"); config: this run's config, which must
-        describe the same model as the checkpoint's (else a ConfigError naming the fields).
+        describe the same model as the checkpoint's. A mismatch (model fields, or arrays this
+        config lays out differently) is a ConfigError; an unreadable or altered checkpoint a
+        CheckpointError, raised by every process alike.
         """
         meta = self._meta(step)
         if config is not None:
             check_compatible(meta["config"], config, os.path.dirname(self.directory))
         abstract = abstract_items(abstract_state, shardings, items)
+        self._check_layout(step, abstract)
         args = {item: ocp.args.StandardRestore(abstract[item]) for item in items}
         if with_data:
             args["data"] = ProcessJsonRestore()
+        error = None
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-        except CheckpointError:
-            raise
         except Exception as e:  # noqa: BLE001 - tensorstore/orbax errors for missing/bad files
             # tensorstore appends its whole spec, which says nothing more
             reason = re.split(r" \[tensorstore_spec| See full TensorStore", str(e))[0][:600]
+            error = f"{type(e).__name__}: {reason}"
+        if not _everywhere(error is None):  # the fingerprints below are collective
             raise CheckpointError(f"checkpoint {self.step_path(step)} is unreadable "
-                                  f"({type(e).__name__}: {reason})") from e
+                                  f"({error or 'on another process'})")
         arrays = {item: restored[item] for item in items}
         expected = meta.get("fingerprints", {})
         bad = sorted(k for k, v in fingerprints(arrays).items() if expected.get(k) != v)
@@ -330,16 +333,41 @@ class Checkpointer:
         return Restored(step=step, state=state, data=restored["data"] if with_data else None,
                         config=meta["config"], path=self.step_path(step))
 
-    def restore_latest(self, abstract_state: TrainState, shardings: TrainState, *,
-                       config: Mapping[str, Any] | None = None, step: int | None = None,
-                       fallback: bool = False) -> Restored | None:
-        """The named step, else the newest; None when there is no checkpoint. A bad newest
-        checkpoint is an error unless `fallback`, which moves it aside and tries the next."""
+    def _check_layout(self, step: int, abstract: Mapping[str, Mapping[str, Any]]) -> None:
+        """The arrays this config expects must be the saved ones (names, shapes, dtypes)."""
+        try:
+            saved = self.manager.item_metadata(step)
+            saved = {item: {k: (tuple(v.shape), str(v.dtype)) for k, v in saved[item].tree.items()}
+                     for item in abstract}
+        except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable metadata
+            raise CheckpointError(f"checkpoint {self.step_path(step)}: unreadable array "
+                                  f"metadata ({type(e).__name__}: {e})") from e
+        problems = []
+        for item, arrays in abstract.items():
+            wanted = {k: (tuple(v.shape), str(v.dtype)) for k, v in arrays.items()}
+            missing, extra = sorted(wanted.keys() - saved[item]), sorted(saved[item] - wanted.keys())
+            if missing or extra:
+                problems.append(f"{item}: this config has {missing[:3]} the checkpoint lacks, "
+                                f"the checkpoint has {extra[:3]} this config lacks")
+            problems += [f"{item}/{k}: {saved[item][k]} saved, {wanted[k]} now"
+                         for k in sorted(wanted.keys() & saved[item].keys())
+                         if wanted[k] != saved[item][k]][:3]
+        if problems:
+            raise ConfigError(f"{self.step_path(step)} was saved with a different layout (an "
+                              "optimizer setting such as train.grad_clip_norm, or "
+                              "model.param_dtype / scan_layers changed?): " + "; ".join(problems))
+
+    def resume(self, abstract_state: TrainState, shardings: TrainState, *,
+               config: Mapping[str, Any] | None = None, step: int | None = None,
+               fallback: bool = False) -> Restored | None:
+        """The checkpoint a run continues from: step `step`, else the newest; None when there is
+        none. A bad newest checkpoint is an error unless `fallback`, which moves it aside and
+        tries the next; when every checkpoint is bad that is an error too."""
         steps = self.steps()
         if step is not None:
             if step not in steps:
                 raise CheckpointError(f"checkpoint.restore_step={step}: {self.directory} has "
-                                      f"steps {steps}")
+                                      f"steps {steps or 'none'}")
             return self.restore(step, abstract_state, shardings, config=config)
         for newest in reversed(steps):
             try:
@@ -354,17 +382,52 @@ class Checkpointer:
                             "; there is no earlier checkpoint")
                     raise CheckpointError(f"{e}{hint}") from e
                 log.warning("%s; falling back to an earlier checkpoint", e)
-                self._move_aside(newest)
+                self._move_aside(newest, CORRUPT_SUFFIX)
+        if steps:
+            raise CheckpointError(f"no usable checkpoint left in {self.directory}: all "
+                                  f"{len(steps)} were moved to <step>{CORRUPT_SUFFIX}; use "
+                                  "another --workdir (or remove these) to start afresh")
         return None
 
-    def _move_aside(self, step: int) -> None:
+    def prepare_to_continue(self, step: int) -> None:
+        """Once the run has been checked against the workdir: removes interrupted saves and
+        moves checkpoints newer than `step` (a run restored at an earlier step) aside, so the
+        continuation saves its own steps and a restart resumes it, not the old line."""
         if jax.process_index() == 0:
-            target = self.step_path(step) + CORRUPT_SUFFIX
-            if os.path.exists(target):
-                shutil.rmtree(target)
+            for path in self.interrupted:
+                shutil.rmtree(path, ignore_errors=True)
+        _sync("t5g2-checkpoint-cleanup")
+        for newer in [s for s in self.steps() if s > step]:
+            log.warning("checkpoint %d is newer than the restored step %d: moving it to %s",
+                        newer, step, self.step_path(newer) + SUPERSEDED_SUFFIX)
+            self._move_aside(newer, SUPERSEDED_SUFFIX)
+        self.interrupted = []
+
+    def _move_aside(self, step: int, suffix: str) -> None:
+        if jax.process_index() == 0:
+            target, n = self.step_path(step) + suffix, 1
+            while os.path.exists(target):  # keep earlier evidence too
+                n += 1
+                target = f"{self.step_path(step)}{suffix}-{n}"
             os.rename(self.step_path(step), target)
-            log.warning("moved the bad checkpoint to %s", target)
+        _sync(f"t5g2-checkpoint-move-{step}")
         self.manager.reload()
+
+
+def _everywhere(ok: bool) -> bool:
+    """Whether `ok` holds on every process (all processes must call this together)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def interrupted_saves(directory: str) -> list[str]:

@@ -95,6 +95,9 @@ def export(workdir: str, out: str, *, step: int | None = None, overwrite: bool =
 
 def _write_tokenizer(config: dict[str, Any], out: str) -> list[str]:
     """The run's sentencepiece model and sentinel/mode ids, when it used the UL2 pipeline."""
+    for stale in (TOKENIZER_MODEL, VOCABULARY_NOTE):  # from an earlier export into `out`
+        if os.path.exists(os.path.join(out, stale)):
+            os.remove(os.path.join(out, stale))
     if config.get("data", {}).get("source") != "ul2":
         log.info("no tokenizer written: the run's data source was %r",
                  config.get("data", {}).get("source"))

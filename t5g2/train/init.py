@@ -34,27 +34,35 @@ ADAPTATION_FIELDS = RUN_FIELDS + ("vocab_size", "tie_embeddings", "cross_attenti
                                   "eoi_token_id", "image_token_id")
 
 
+def chosen_init(config: ml_collections.ConfigDict) -> tuple[str, str] | None:
+    """("from_gemma3" | "from_t5gemma2", path) as configured, None for random; both is an error."""
+    chosen = [(k, config.init.get(k)) for k in ("from_gemma3", "from_t5gemma2")
+              if config.init.get(k)]
+    if len(chosen) > 1:
+        raise ConfigError(f"init.from_gemma3={chosen[0][1]!r} and init.from_t5gemma2="
+                          f"{chosen[1][1]!r} are both set: pick one")
+    return chosen[0] if chosen else None
+
+
 def initial_train_state(config: ml_collections.ConfigDict, model_cfg: ModelConfig,
                         tx: optax.GradientTransformation, mesh: Mesh,
                         shardings: TrainState) -> tuple[TrainState, str]:
     """The state a fresh run starts from and a one-line description of its origin, e.g.
     'random initialisation (seed 0)' or 'Gemma 3 checkpoint /x (adapted: 123 tensors)'."""
-    from_gemma3, from_t5gemma2 = config.init.get("from_gemma3"), config.init.get("from_t5gemma2")
-    if from_gemma3 and from_t5gemma2:
-        raise ConfigError(f"init.from_gemma3={from_gemma3!r} and init.from_t5gemma2="
-                          f"{from_t5gemma2!r} are both set: pick one")
-    if not (from_gemma3 or from_t5gemma2):
+    chosen = chosen_init(config)
+    if chosen is None:
         return (init_train_state(model_cfg, tx, mesh, config.seed),
                 f"random initialisation (seed {config.seed}): no init.from_gemma3 / "
                 "init.from_t5gemma2 given")
-    if from_gemma3:
-        flat, count = _load(from_gemma3, "Gemma 3", model_cfg, ADAPTATION_FIELDS,
+    kind, path = chosen
+    if kind == "from_gemma3":
+        flat, count = _load(path, "Gemma 3", model_cfg, ADAPTATION_FIELDS,
                             gemma3.config_from_gemma3, gemma3.adapt_state_dict)
-        origin = f"Gemma 3 checkpoint {from_gemma3} (adapted: {count} tensors)"
+        origin = f"Gemma 3 checkpoint {path} (adapted: {count} tensors)"
     else:
-        flat, count = _load(from_t5gemma2, "T5Gemma 2", model_cfg, RUN_FIELDS,
+        flat, count = _load(path, "T5Gemma 2", model_cfg, RUN_FIELDS,
                             hf_t5gemma2.config_from_hf, hf_t5gemma2.from_hf_state_dict)
-        origin = f"T5Gemma 2 checkpoint {from_t5gemma2} ({count} tensors)"
+        origin = f"T5Gemma 2 checkpoint {path} ({count} tensors)"
     return with_params(place_params(flat, model_cfg, shardings.params), tx, shardings), origin
 
 

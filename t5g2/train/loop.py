@@ -22,7 +22,7 @@ from t5g2.data.synthetic import SyntheticCopySource
 from t5g2.model import ModelConfig
 from t5g2.model.flops import train_flops
 from t5g2.model.params import count_params
-from t5g2.train.checkpoint import Checkpointer, config_as_json
+from t5g2.train.checkpoint import Checkpointer, check_compatible, config_as_json
 from t5g2.train.config import TrainConfig
 from t5g2.train.metrics import MetricsWriter, StepTimer
 from t5g2.train.optimizer import make_optimizer
@@ -136,6 +136,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
 def make_checkpointer(config, workdir: str) -> Checkpointer | None:
     ckpt = config.checkpoint
     if not ckpt.enabled:
+        set_anyway = [k for k in ("restore_step", "fallback") if ckpt.get(k)]
+        if set_anyway:
+            raise ConfigError(f"checkpoint.{set_anyway[0]} is set but checkpoint.enabled=False")
         return None
     return Checkpointer(workdir, every=ckpt.every, keep=ckpt.keep, keep_period=ckpt.keep_period,
                         async_save=ckpt.async_save)
@@ -143,27 +146,46 @@ def make_checkpointer(config, workdir: str) -> Checkpointer | None:
 
 def start_state(config, model_cfg: ModelConfig, tx, mesh, shardings: TrainState, source,
                 checkpointer: Checkpointer | None, workdir: str):
-    """(state, step, origin): the workdir's checkpoint when there is one (checked against this
-    config before anything is written), else the configured initialisation."""
+    """(state, step, origin): the workdir's checkpoint when there is one, else the configured
+    initialisation. The workdir is checked against this config before anything in it changes:
+    its checkpoint, or without one its config.json, must describe the same model."""
+    from t5g2.train.init import chosen_init, initial_train_state
+
+    chosen = chosen_init(config)
+    config_json = config_as_json(config)
     restored = None
     if checkpointer is not None:
-        restored = checkpointer.restore_latest(
-            abstract_train_state(model_cfg, tx), shardings, config=config_as_json(config),
+        restored = checkpointer.resume(
+            abstract_train_state(model_cfg, tx), shardings, config=config_json,
             step=config.checkpoint.restore_step, fallback=config.checkpoint.fallback)
     if restored is None:
-        if config.checkpoint.enabled and config.checkpoint.restore_step is not None:
-            raise ConfigError(f"checkpoint.restore_step={config.checkpoint.restore_step} but "
-                              f"{workdir} holds no checkpoint")
-        from t5g2.train.init import initial_train_state
-
+        previous = os.path.join(workdir, "config.json")
+        if os.path.isfile(previous):  # a run that stopped before its first checkpoint
+            with open(previous, encoding="utf-8") as f:
+                check_compatible(json.load(f), config_json, workdir)
         state, origin = initial_train_state(config, model_cfg, tx, mesh, shardings)
-        return state, 0, origin
+    else:
+        _restore_data_position(source, restored, config)
+        if chosen:
+            log.info("init.%s is ignored: resuming from the workdir's checkpoint", chosen[0])
+        state, origin = restored.state, f"checkpoint {restored.path} (step {restored.step})"
+    start = restored.step if restored else 0
+    if checkpointer is not None:
+        checkpointer.prepare_to_continue(start)
+    return state, start, origin
+
+
+def _restore_data_position(source, restored, config) -> None:
+    saved, now = restored.config.get("data", {}).get("source"), config.data.source
+    if saved != now:
+        raise ConfigError(f"{restored.path} was saved by a run reading data.source={saved!r}, "
+                          f"this one reads {now!r}: its data position does not apply")
     if hasattr(source, "set_state"):
-        source.set_state(restored.data)
-    ignored = [k for k in ("from_gemma3", "from_t5gemma2") if config.init.get(k)]
-    if ignored:
-        log.info("init.%s is ignored: resuming from the workdir's checkpoint", ignored[0])
-    return restored.state, restored.step, f"checkpoint {restored.path} (step {restored.step})"
+        try:
+            source.set_state(restored.data)
+        except (KeyError, ValueError) as e:
+            raise ConfigError(f"{restored.path}: the saved data position does not fit this "
+                              f"run's pipeline: {e}") from e
 
 
 def _run(config, workdir, model_cfg, train_cfg, mesh, step_fn, source, checkpointer, state,
@@ -205,8 +227,8 @@ def _run(config, workdir, model_cfg, train_cfg, mesh, step_fn, source, checkpoin
             preempted = preemption.should_stop(step)
             last = step == train_cfg.steps or preempted
             if checkpointer is not None and (last or checkpointer.should_save(step)):
-                if checkpointer.save(step, state, data_state(), saved_json, force=True):
-                    last_checkpoint = checkpointer.step_path(step)
+                checkpointer.save(step, state, data_state(), saved_json)
+                last_checkpoint = checkpointer.step_path(step)
             if step % train_cfg.log_every and not last and step != start + 1:
                 continue
             metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}

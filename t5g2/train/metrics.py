@@ -83,13 +83,38 @@ def _postfix(metrics: Mapping[str, float]) -> str:
                      for k in _POSTFIX_KEYS if k in metrics)
 
 
+def drop_lines_after(path: str, step: int) -> None:
+    """Rewrites a metrics.jsonl without the lines of steps after `step`, and any unreadable line
+    (atomically)."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    def keep(line: str) -> bool:  # a line cut short by a kill is dropped too
+        try:
+            return json.loads(line)["step"] <= step
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return False
+
+    kept = [line for line in lines if keep(line)]
+    if len(kept) == len(lines):
+        return
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+    log.info("%s: dropped %d lines after step %d (trained again now)", path,
+             len(lines) - len(kept), step)
+
+
 class MetricsWriter:
     """Writes each report to TensorBoard (`workdir/tensorboard/`), `workdir/metrics.jsonl` and a
     progress bar or a log line on stdout. On any process but 0 every method is a no-op.
 
-    Every write is flushed, so a preempted run keeps its curve. A resumed run appends to the same
-    metrics.jsonl and adds a new event file next to the old ones (TensorBoard reads all of a
-    directory's files as one run); steps logged again after a restore then appear twice.
+    Every write is flushed, so a preempted run keeps its curve. A run resumed at `initial_step`
+    (> 0) continues the same curve: metrics.jsonl first loses the lines of steps after it (those
+    the interrupted run logged past its last checkpoint; they are trained again), and the new
+    event file starts with a SessionLog START at initial_step + 1, which makes TensorBoard drop
+    the old files' values from that step on (its own restart convention).
     Non-finite values are written as they are (metrics.jsonl then holds the `NaN`/`Infinity`
     tokens Python's json reads) and are also logged as a warning.
     """
@@ -111,7 +136,13 @@ class MetricsWriter:
             time.time(), socket.gethostname(), os.getpid(), next(_file_ids)))
         self._events = RecordWriter(open(self.event_file, "wb"))
         self._add_event(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
-        self._jsonl = open(os.path.join(workdir, JSONL_NAME), "a", encoding="utf-8")
+        jsonl = os.path.join(workdir, JSONL_NAME)
+        if initial_step > 0:
+            self._add_event(event_pb2.Event(
+                wall_time=time.time(), step=initial_step + 1,
+                session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+            drop_lines_after(jsonl, initial_step)
+        self._jsonl = open(jsonl, "a", encoding="utf-8")
         if progress is None:
             progress = sys.stdout.isatty()
         if progress:
