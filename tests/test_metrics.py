@@ -81,6 +81,22 @@ def test_resumed_writer_appends(tmp_path):
         (1, 3.0), (2, 2.0), (3, 1.0)]
 
 
+def test_a_run_resumed_from_an_earlier_step_replaces_what_was_logged_after_it(tmp_path):
+    """Killed after logging step 3 with a checkpoint at 1: steps 2 and 3 are trained again."""
+    workdir = str(tmp_path)
+    with MetricsWriter(workdir, progress=False) as writer:
+        for step, loss in ((1, 3.0), (2, 2.0), (3, 1.0)):
+            writer.write(step, {"loss": loss})
+    with open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8") as f:
+        f.write('{"step": 4, "lo')  # a line cut short by the kill
+    with MetricsWriter(workdir, progress=False, initial_step=1) as writer:
+        writer.write(2, {"loss": 2.5})
+        writer.write(3, {"loss": 1.5})
+    assert [(r["step"], r["loss"]) for r in read_jsonl(workdir)] == [(1, 3.0), (2, 2.5), (3, 1.5)]
+    assert read_scalars(os.path.join(workdir, "tensorboard"))["loss"] == [
+        (1, 3.0), (2, 2.5), (3, 1.5)]
+
+
 def test_write_after_close_raises(tmp_path):
     writer = MetricsWriter(str(tmp_path), progress=False)
     writer.close()
