@@ -8,6 +8,7 @@ flags; the per-step losses must agree, and only process 0 reports.
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from t5g2 import distributed
+from t5g2.train.preemption import PREEMPTED_EXIT_CODE
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 240
@@ -230,3 +232,36 @@ def test_two_processes_match_one(tmp_path, mesh, described):
     # every process ends with the same (globally reduced) metrics
     assert _final(resumed["process1"])["loss"] == pytest.approx(ref[-1]["loss"], abs=1e-5)
     assert _final(resumed["process0"])["loss"] == pytest.approx(ref[-1]["loss"], abs=1e-5)
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_with_a_joint_checkpoint(tmp_path):
+    """JAX's coordination service passes the preemption notice on: every process stops at the
+    same step, saves its part of the same checkpoint and exits 143."""
+    cluster = dict(T5G2_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", T5G2_NUM_PROCESSES="2")
+    workdir, procs = tmp_path / "run", []
+    try:
+        for i in range(2):
+            with open(tmp_path / f"process{i}.log", "w", encoding="utf-8") as log:
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "launch.train", *TRAIN_FLAGS,
+                     "--config.train.steps=1000", "--workdir", str(workdir)], cwd=REPO,
+                    env=_env(4, **cluster, T5G2_PROCESS_ID=str(i)), stdout=log,
+                    stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + TIMEOUT_S
+        while len(_metrics(workdir) if (workdir / "metrics.jsonl").exists() else []) < 3:
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+            time.sleep(0.1)
+        procs[1].send_signal(signal.SIGTERM)  # process 0 is not told
+        codes = [p.wait(TIMEOUT_S) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    logs = [(tmp_path / f"process{i}.log").read_text() for i in range(2)]
+    assert codes == [PREEMPTED_EXIT_CODE] * 2, "\n".join(log[-3000:] for log in logs)
+    stopped = _metrics(workdir)[-1]["step"]
+    assert 3 <= stopped < 1000
+    for log in logs:
+        assert f"stopped at step {stopped} on a termination request" in log
+    data = workdir / "checkpoints" / str(stopped) / "data"
+    assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(data))
