@@ -213,8 +213,7 @@ def bench_t5g2(cfg: ModelConfig, train_cfg: TrainConfig, config_json: Mapping[st
     def one(directory: str) -> dict[str, Any]:
         ckpt = Checkpointer(directory, every=1, keep=1, async_save=True)
         start = time.perf_counter()
-        if not ckpt.save(STEP, state, data_state, config_json, force=True):
-            raise RuntimeError(f"Checkpointer.save did not save step {STEP} in {directory}")
+        ckpt.save(STEP, state, data_state, config_json)
         blocking = time.perf_counter() - start
         ckpt.wait()
         if fsync:
