@@ -301,13 +301,13 @@ def test_a_workdir_of_a_different_model_or_data_is_refused_and_left_untouched(tm
     bigger = _small_config(4)
     bigger.model.encoder.num_layers = 3
     bigger.model.decoder.d_model = bigger.model.encoder.d_model = 32
-    for workdir, where in ((with_checkpoint, "checkpoint"), (without, "checkpoint")):
+    for workdir, where in ((with_checkpoint, "the checkpoint"), (without, "its config.json")):
         before = _snapshot(workdir)
         with pytest.raises(ConfigError) as error:
             loop.train(bigger, str(workdir))
         message = str(error.value)
-        assert f"model.encoder.num_layers=2 in the {where}, 3 now" in message
-        assert f"model.decoder.d_model=64 in the {where}, 32 now" in message
+        assert f"model.encoder.num_layers=2 in {where}, 3 now" in message
+        assert f"model.decoder.d_model=64 in {where}, 32 now" in message
         assert "nothing was written" in message
         assert _snapshot(workdir) == before
     assert (with_checkpoint / "checkpoints" / "3.orbax-checkpoint-tmp").is_dir()

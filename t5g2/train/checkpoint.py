@@ -171,22 +171,23 @@ class ProcessJsonRestore(ocp.args.CheckpointArgs):
 # ----------------------------------------------------------------------------------------------
 # Config compatibility.
 
-def _differences(saved: Any, current: Any, prefix: str) -> list[str]:
+def _differences(saved: Any, current: Any, prefix: str, saved_in: str) -> list[str]:
     if isinstance(saved, dict) and isinstance(current, dict):
         out = []
         for key in sorted(set(saved) | set(current)):
-            out += _differences(saved.get(key), current.get(key), f"{prefix}.{key}")
+            out += _differences(saved.get(key), current.get(key), f"{prefix}.{key}", saved_in)
         return out
-    return [] if saved == current else [f"{prefix}={saved!r} in the checkpoint, {current!r} now"]
+    return [] if saved == current else [f"{prefix}={saved!r} in {saved_in}, {current!r} now"]
 
 
-def model_differences(saved_config: Mapping[str, Any], config: Mapping[str, Any]) -> list[str]:
+def model_differences(saved_config: Mapping[str, Any], config: Mapping[str, Any],
+                      saved_in: str = "the checkpoint") -> list[str]:
     """Model-config fields (those that shape parameters) that differ from the checkpoint's."""
     saved = {k: v for k, v in saved_config.get("model", {}).items()
              if k not in COMPUTE_ONLY_MODEL_FIELDS}
     current = {k: v for k, v in config.get("model", {}).items()
                if k not in COMPUTE_ONLY_MODEL_FIELDS}
-    return _differences(saved, current, "model")
+    return _differences(saved, current, "model", saved_in)
 
 
 def config_as_json(config) -> dict[str, Any]:
@@ -438,12 +439,11 @@ def interrupted_saves(directory: str) -> list[str]:
                   if _TMP_MARK in name)
 
 
-def check_compatible(saved_config: Mapping[str, Any], config: Mapping[str, Any], where: str
-                     ) -> None:
-    """A checkpoint of a different model is an error naming each differing field."""
-    differences = model_differences(saved_config, config)
+def check_compatible(saved_config: Mapping[str, Any], config: Mapping[str, Any], where: str,
+                     saved_in: str = "the checkpoint") -> None:
+    """A workdir of a different model is an error naming each differing field."""
+    differences = model_differences(saved_config, config, saved_in)
     if differences:
-        raise ConfigError(f"{where} holds a checkpoint of a different model: "
-                          + "; ".join(differences) + ". Use another --workdir or the "
-                          "checkpoint's config; nothing was written.")
-
+        raise ConfigError(f"{where} holds a run of a different model: " + "; ".join(differences)
+                          + f". Use another --workdir or {saved_in}'s config; nothing was "
+                          "written.")

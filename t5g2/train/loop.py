@@ -162,7 +162,7 @@ def start_state(config, model_cfg: ModelConfig, tx, mesh, shardings: TrainState,
         previous = os.path.join(workdir, "config.json")
         if os.path.isfile(previous):  # a run that stopped before its first checkpoint
             with open(previous, encoding="utf-8") as f:
-                check_compatible(json.load(f), config_json, workdir)
+                check_compatible(json.load(f), config_json, workdir, "its config.json")
         state, origin = initial_train_state(config, model_cfg, tx, mesh, shardings)
     else:
         _restore_data_position(source, restored, config)
