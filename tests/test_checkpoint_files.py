@@ -2,6 +2,7 @@
 
 import json
 
+import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
@@ -36,6 +37,22 @@ def test_state_dict_survives_a_write_and_read(tmp_path):
     back = checkpoint_files.read_state_dict(str(tmp_path))
     assert set(back) == set(sd)
     assert all(np.array_equal(back[k], sd[k]) for k in sd)
+
+
+def test_tensors_are_memory_mapped_and_read_as_safetensors_reads_them(tmp_path):
+    from safetensors import safe_open
+
+    sd = {"bf16": np.arange(24, dtype=np.float32).reshape(2, 3, 4).astype(ml_dtypes.bfloat16),
+          "f32": np.linspace(-1, 1, 10, dtype=np.float32), "i64": np.arange(5),
+          "empty": np.zeros((0, 3), np.float32)}
+    _write(tmp_path, sd)
+    back = checkpoint_files.read_state_dict(str(tmp_path))
+    with safe_open(str(tmp_path / checkpoint_files.SINGLE_FILE), framework="numpy") as f:
+        reference = {k: np.asarray(f.get_tensor(k)) for k in f.keys()}
+    for key in sd:
+        assert back[key].dtype == reference[key].dtype == sd[key].dtype, key
+        np.testing.assert_array_equal(back[key], reference[key])
+    assert isinstance(back["f32"], np.memmap)  # read lazily, page by page
 
 
 def test_truncated_file_is_reported(tmp_path):

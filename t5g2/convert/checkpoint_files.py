@@ -1,16 +1,20 @@
 """Reading and writing Hugging Face checkpoint directories (config.json + safetensors shards).
 
-Uses safetensors' numpy/flax readers only: loading a checkpoint needs neither torch nor
+Reading memory-maps the safetensors files (their layout is simple: a JSON header, then raw
+little-endian bytes) and writing uses safetensors' numpy writer: neither needs torch or
 transformers. bfloat16 tensors arrive as ml_dtypes.bfloat16 numpy arrays.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import struct
 from typing import Any, Mapping
 
+import ml_dtypes
 import numpy as np
 
 SINGLE_FILE = "model.safetensors"
@@ -39,9 +43,10 @@ def read_config(path: str) -> dict[str, Any]:
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
-    """All tensors of a checkpoint directory: one model.safetensors or an indexed set of shards."""
-    from safetensors import safe_open
-
+    """All tensors of a checkpoint directory (one model.safetensors or an indexed set of shards)
+    as read-only memory maps: nothing is read until used, so a conversion that takes slices (each
+    device's part of the embedding) touches only those bytes, and host memory holds what the
+    conversion copies, not the whole checkpoint as well."""
     index = os.path.join(path, INDEX_FILE)
     if os.path.isfile(index):
         try:
@@ -59,16 +64,52 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
         file = os.path.join(path, name)
         if not os.path.isfile(file):
             raise CheckpointError(f"{file}: shard named in {INDEX_FILE} is missing")
-        try:
-            with safe_open(file, framework="flax") as f:
-                for key in f.keys():
-                    tensors[key] = np.asarray(f.get_tensor(key))
-        except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise CheckpointError(f"{file}: corrupt or unreadable safetensors file ({e})") from e
+        tensors.update(map_safetensors(file))
     if weight_map is not None:
         missing = sorted(set(weight_map) - set(tensors))
         if missing:
             raise CheckpointError(f"{path}: tensors listed in the index but absent: {missing[:5]}")
+    return tensors
+
+
+# safetensors dtype names -> numpy (bfloat16 through ml_dtypes, as JAX has it)
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+                       "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32,
+                       "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def map_safetensors(file: str) -> dict[str, np.ndarray]:
+    """The tensors of one .safetensors file as read-only np.memmap views, after checking the
+    header (an 8-byte little-endian length, a JSON table of dtype / shape / byte range) against
+    the file's size, so a truncated or damaged file is an error here, not garbage later."""
+    def corrupt(why: str) -> CheckpointError:
+        return CheckpointError(f"{file}: corrupt or unreadable safetensors file ({why})")
+
+    size = os.path.getsize(file)
+    try:
+        with open(file, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:
+                raise corrupt(f"header of {header_len} bytes in a {size}-byte file")
+            header = json.loads(f.read(header_len))
+    except (OSError, struct.error, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise corrupt(str(e)) from e
+    start = 8 + header_len
+    tensors = {}
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]])
+            shape, (begin, end) = tuple(entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise corrupt(f"tensor {key!r}: bad header entry {entry!r}") from e
+        if end - begin != math.prod(shape) * dtype.itemsize or not 0 <= begin <= end \
+                or start + end > size:
+            raise corrupt(f"tensor {key!r}: bytes {begin}..{end} for shape {list(shape)} "
+                          f"{entry['dtype']} in a file of {size} bytes")
+        tensors[key] = (np.memmap(file, dtype, mode="r", offset=start + begin, shape=shape)
+                        if math.prod(shape) else np.zeros(shape, dtype))
     return tensors
 
 
