@@ -43,9 +43,9 @@ RUN_FLAGS = (
 TIMEOUT_S = 300
 
 
-def _start(workdir: Path, cache: str) -> subprocess.Popen:
+def _start(workdir: Path, cache: str, *flags: str) -> subprocess.Popen:
     log = open(workdir.parent / f"{workdir.name}.log", "a", encoding="utf-8")
-    return subprocess.Popen([sys.executable, "-m", "launch.train", *RUN_FLAGS,
+    return subprocess.Popen([sys.executable, "-m", "launch.train", *RUN_FLAGS, *flags,
                              "--workdir", str(workdir)], cwd=REPO,
                             env=_env(1, T5G2_CACHE=cache), stdout=log, stderr=subprocess.STDOUT)
 
@@ -69,9 +69,10 @@ def _losses(workdir: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in map(json.loads, lines)}
 
 
-def _interrupt_at(workdir: Path, cache: str, step: int, signum: int) -> None:
+def _interrupt_at(workdir: Path, cache: str, step: int, signum: int, *flags: str,
+                  expect: int | None = None) -> None:
     """Starts a run and sends `signum` once it has logged `step`."""
-    proc = _start(workdir, cache)
+    proc = _start(workdir, cache, *flags)
     deadline = time.monotonic() + TIMEOUT_S
     metrics = workdir / "metrics.jsonl"
     while not (metrics.exists() and max(_losses(workdir), default=0) >= step):
@@ -79,8 +80,9 @@ def _interrupt_at(workdir: Path, cache: str, step: int, signum: int) -> None:
         assert time.monotonic() < deadline, "run did not reach the step in time"
         time.sleep(0.05)
     proc.send_signal(signum)
-    _finish(proc, workdir, expect=-signal.SIGKILL if signum == signal.SIGKILL
-            else PREEMPTED_EXIT_CODE)
+    if expect is None:
+        expect = -signal.SIGKILL if signum == signal.SIGKILL else PREEMPTED_EXIT_CODE
+    _finish(proc, workdir, expect=expect)
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +126,15 @@ def test_sigterm_saves_at_the_step_it_stopped_and_resumes_bitwise(tmp_path, cach
     resumed = _losses(workdir)
     assert {s: resumed[s] for s in range(stopped + 1, STEPS + 1)} == \
         {s: uninterrupted[s] for s in range(stopped + 1, STEPS + 1)}
+
+
+def test_sigusr1_saves_on_demand_and_training_goes_on(tmp_path, cache_dir):
+    workdir = tmp_path / "on_demand"
+    _interrupt_at(workdir, cache_dir, 3, signal.SIGUSR1, "--config.train.steps=40",
+                  "--config.checkpoint.every=1000", expect=0)
+    saved = sorted(int(name) for name in os.listdir(workdir / "checkpoints"))
+    assert len(saved) == 2 and 3 <= saved[0] < 40 and saved[1] == 40, saved
+    assert max(_losses(workdir)) == 40
 
 
 # ---------------------------------------------------------------------- checkpoints of a toy state

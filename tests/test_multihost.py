@@ -234,9 +234,10 @@ def test_two_processes_match_one(tmp_path, mesh, described):
     assert _final(resumed["process0"])["loss"] == pytest.approx(ref[-1]["loss"], abs=1e-5)
 
 
-def test_sigterm_to_one_process_stops_both_at_one_step_with_a_joint_checkpoint(tmp_path):
-    """JAX's coordination service passes the preemption notice on: every process stops at the
-    same step, saves its part of the same checkpoint and exits 143."""
+def test_signals_to_one_process_save_on_demand_and_stop_both_with_joint_checkpoints(tmp_path):
+    """SIGUSR1 to process 0: both save one checkpoint and go on. SIGTERM to process 1: JAX's
+    coordination service passes the preemption notice on; every process stops at the same step,
+    saves its part of the same checkpoint and exits 143."""
     cluster = dict(T5G2_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", T5G2_NUM_PROCESSES="2")
     workdir, procs = tmp_path / "run", []
     try:
@@ -248,9 +249,19 @@ def test_sigterm_to_one_process_stops_both_at_one_step_with_a_joint_checkpoint(t
                     env=_env(4, **cluster, T5G2_PROCESS_ID=str(i)), stdout=log,
                     stderr=subprocess.STDOUT))
         deadline = time.monotonic() + TIMEOUT_S
-        while len(_metrics(workdir) if (workdir / "metrics.jsonl").exists() else []) < 3:
+
+        def wait_for(steps):
+            while len(_metrics(workdir) if (workdir / "metrics.jsonl").exists() else []) < steps:
+                assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+                time.sleep(0.1)
+
+        wait_for(3)
+        procs[0].send_signal(signal.SIGUSR1)  # a save on demand; process 1 is not told
+        while not (workdir / "checkpoints").is_dir() or not os.listdir(workdir / "checkpoints"):
             assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
             time.sleep(0.1)
+        on_demand = len(_metrics(workdir))
+        wait_for(on_demand + 2)
         procs[1].send_signal(signal.SIGTERM)  # process 0 is not told
         codes = [p.wait(TIMEOUT_S) for p in procs]
     finally:
@@ -263,5 +274,8 @@ def test_sigterm_to_one_process_stops_both_at_one_step_with_a_joint_checkpoint(t
     assert 3 <= stopped < 1000
     for log in logs:
         assert f"stopped at step {stopped} on a termination request" in log
-    data = workdir / "checkpoints" / str(stopped) / "data"
-    assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(data))
+    saved = sorted(int(name) for name in os.listdir(workdir / "checkpoints"))
+    assert len(saved) == 2 and saved[0] < stopped == saved[1], saved  # on demand, then the stop
+    for step in saved:
+        data = workdir / "checkpoints" / str(step) / "data"
+        assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(data))

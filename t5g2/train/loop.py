@@ -215,7 +215,7 @@ def _run(config, workdir, model_cfg, train_cfg, mesh, step_fn, source, checkpoin
     step, preempted = start, False
     with MetricsWriter(workdir, process_index=jax.process_index(),
                        total_steps=train_cfg.steps, initial_step=start) as writer, \
-            PreemptionWatch() as preemption:
+            PreemptionWatch(agree_every=train_cfg.log_every) as preemption:
         while step < train_cfg.steps and not preempted:
             host_batch = next(source)
             batch = sharding.global_batch_from_host(host_batch, mesh)
@@ -226,7 +226,8 @@ def _run(config, workdir, model_cfg, train_cfg, mesh, step_fn, source, checkpoin
                 timer.start(step)
             preempted = preemption.should_stop(step)
             last = step == train_cfg.steps or preempted
-            if checkpointer is not None and (last or checkpointer.should_save(step)):
+            on_demand = preemption.save_requested(step)
+            if checkpointer is not None and (last or on_demand or checkpointer.should_save(step)):
                 checkpointer.save(step, state, data_state(), saved_json)
                 last_checkpoint = checkpointer.step_path(step)
             if step % train_cfg.log_every and not last and step != start + 1:
