@@ -24,7 +24,6 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from configs import tiny
-from t5g2 import sharding
 from t5g2.configlib import ConfigError
 from t5g2.train import loop
 from t5g2.train.checkpoint import Checkpointer, CheckpointError, interrupted_saves
