@@ -81,6 +81,25 @@ def test_resumed_writer_appends(tmp_path):
         (1, 3.0), (2, 2.0), (3, 1.0)]
 
 
+def test_event_files_sort_in_creation_order_across_a_power_of_ten(tmp_path, monkeypatch):
+    """TensorBoard reads a directory's event files in name order: eleven writers (a counter
+    crossing 9 -> 10 made "...10" sort before "...9"), and a clock that goes backwards, must
+    still give files whose name order is their creation order."""
+    import time
+
+    workdir = str(tmp_path)
+    calls = []  # a clock that goes backwards 1 us per call
+    monkeypatch.setattr(time, "time_ns", lambda: 5 * 10**18 - 1_000 * len(calls.append(0) or calls))
+    created = []
+    for step in range(1, 12):
+        with MetricsWriter(workdir, progress=False, initial_step=step - 1) as writer:
+            writer.write(step, {"loss": float(step)})
+            created.append(os.path.basename(writer.event_file))
+    assert sorted(created) == created
+    assert read_scalars(os.path.join(workdir, "tensorboard"))["loss"] == [
+        (s, float(s)) for s in range(1, 12)]
+
+
 def test_a_run_resumed_from_an_earlier_step_replaces_what_was_logged_after_it(tmp_path):
     """Killed after logging step 3 with a checkpoint at 1: steps 2 and 3 are trained again."""
     workdir = str(tmp_path)

@@ -9,11 +9,11 @@ plain file, holding `event_pb2.Event` protos with `simple_value` scalar summarie
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import math
 import os
+import re
 import socket
 import sys
 import time
@@ -29,7 +29,18 @@ log = logging.getLogger(__name__)
 TENSORBOARD_DIR = "tensorboard"
 JSONL_NAME = "metrics.jsonl"
 
-_file_ids = itertools.count()  # event files made in one second by one process still sort in order
+EVENT_FILE_PREFIX = "events.out.tfevents."
+
+
+def new_event_file_name(tb_dir: str) -> str:
+    """A name that sorts after every event file already in `tb_dir`: TensorBoard reads a
+    directory's event files in name order, so a resumed run's file must sort last. The stamp is
+    a fixed-width nanosecond time, raised past the newest existing stamp if the clock disagrees
+    (fixed width: "10" sorts before "9" in a variable-width counter)."""
+    stamps = [int(m.group(1)) for name in os.listdir(tb_dir)
+              if (m := re.match(re.escape(EVENT_FILE_PREFIX) + r"(\d{19})\.", name))]
+    stamp = max([time.time_ns()] + [s + 1 for s in stamps])
+    return f"{EVENT_FILE_PREFIX}{stamp:019d}.{socket.gethostname()}.{os.getpid()}"
 
 
 def _finite(fmt: Callable[[float], str]) -> Callable[[float], str]:
@@ -132,8 +143,7 @@ class MetricsWriter:
             return
         tb_dir = os.path.join(workdir, TENSORBOARD_DIR)
         os.makedirs(tb_dir, exist_ok=True)
-        self.event_file = os.path.join(tb_dir, "events.out.tfevents.%010d.%s.%d.%d" % (
-            time.time(), socket.gethostname(), os.getpid(), next(_file_ids)))
+        self.event_file = os.path.join(tb_dir, new_event_file_name(tb_dir))
         self._events = RecordWriter(open(self.event_file, "wb"))
         self._add_event(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
         jsonl = os.path.join(workdir, JSONL_NAME)
