@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from t5g2.chunks import from_blocks, merge_sequence, split_sequence, to_blocks
 from t5g2.model import attention
 from t5g2.model.attention import (MaskSpec, decoder_window, dot_product_attention,
                                   encoder_window)
@@ -81,6 +82,20 @@ def test_band_covers_exactly_the_window_reach():
     for c in range(5):
         want = [i + 1 if 0 <= i < 23 else 0 for i in range(5 * c - 3, 5 * c + 9)]
         assert bands[0, c].tolist() == want
+
+
+def test_blocks_pad_with_zeros_and_invert():
+    x = np.arange(1, 12)[None, :, None] * np.array([1, -1])  # [1, 11, 2], no zeros inside
+    blocks = to_blocks(jnp.asarray(x), block=4, left=2)  # 2 zeros + 11 entries -> 4 blocks of 4
+    want = np.concatenate([np.zeros((1, 2, 2)), x, np.zeros((1, 3, 2))], axis=1).reshape(1, 4, 4, 2)
+    np.testing.assert_array_equal(np.asarray(blocks), want)
+    assert to_blocks(jnp.asarray(x), block=4, blocks=6).shape == (1, 6, 4, 2)
+    np.testing.assert_array_equal(np.asarray(from_blocks(to_blocks(jnp.asarray(x), 4), 11)), x)
+    chunks = split_sequence(jnp.asarray(x), 3)  # chunk axis first, as lax.map walks it
+    assert chunks.shape == (4, 1, 3, 2)
+    np.testing.assert_array_equal(np.asarray(chunks[1, 0, :, 0]), [4, 5, 6])
+    np.testing.assert_array_equal(np.asarray(chunks[3, 0, :, 0]), [10, 11, 0])
+    np.testing.assert_array_equal(np.asarray(merge_sequence(chunks, 11)), x)
 
 
 def test_bfloat16_gradients_stay_within_bfloat16_rounding(monkeypatch):

@@ -6,13 +6,16 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 from configs import tiny
 from t5g2.model import ConfigError, ModelConfig, T5Gemma2
-from t5g2.model.params import flat_params, load_params, logical_axes
+from t5g2.model.params import (abstract_model, flat_params, load_params, logical_axes,
+                               param_shapes)
 from t5g2.model.transformer import insert_image_features
+from t5g2.train import checkpoint
 from t5g2.train.loss import cross_entropy
 from tests.reference import SMALL_STACK, tiny_config
 
@@ -118,6 +121,19 @@ def test_every_parameter_has_logical_axes():
     for name, axes in logical_axes(model).items():
         assert len(axes) == flat[name].ndim and set(axes) <= known, (name, axes)
         assert ("periods" in name) == (axes[0] == "layers"), (name, axes)
+
+
+def test_parameters_and_checkpoint_arrays_are_named_by_module_path():
+    """One naming: '/' for parameters, '.' for checkpoint arrays (their on-disk names)."""
+    model = abstract_model(tiny_config(**SMALL_STACK))
+    names = set(param_shapes(model))
+    assert {"embed/table", "embed/eoi", "decoder/final_norm/scale",
+            "encoder/layers/periods/layers/0/attn/q"} <= names
+    params = nnx.state(model, nnx.Param)
+    assert set(checkpoint.flatten(params)) == {name.replace("/", ".") for name in names}
+    moments = checkpoint.flatten(jax.eval_shape(optax.adam(1e-3).init, params))
+    assert {"0.count", "0.mu.embed.table", "0.nu.encoder.layers.periods.layers.0.attn.q"} <= set(
+        moments)
 
 
 def test_load_params_rejects_wrong_keys_and_shapes():

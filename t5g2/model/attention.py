@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from t5g2.chunks import from_blocks, merge_sequence, split_sequence, to_blocks
 from t5g2.model.layers import RMSNorm, default_init, param, project
 from t5g2.model.rope import apply_rope
 
@@ -88,20 +89,20 @@ def dot_product_attention(q: jax.Array, parts: Sequence[KVPart], scale: float,
     rematerialised in the backward pass, so the scores held at once are [B, heads, chunk, keys]
     instead of [B, heads, T, keys]: what makes 16K-token sequences fit.
     """
-    b, t, n, h = q.shape
+    t = q.shape[1]
     block = _query_block(t, parts, query_chunk)
     blocks = -(-t // block)
     prepared = [_arrange_part(k, v, m, t, block, blocks) for k, v, m in parts]
-    q_blocks = _to_blocks(q, block, blocks)
-    q_fields = [(_to_blocks(m.q_positions, block, blocks),
-                 _to_blocks(m.q_segments, block, blocks)) for _, _, m in parts]
+    q_blocks = to_blocks(q, block, blocks)
+    q_fields = [(to_blocks(m.q_positions, block, blocks),
+                 to_blocks(m.q_segments, block, blocks)) for _, _, m in parts]
     chunk_blocks = max(1, query_chunk // block) if query_chunk else blocks
     if chunk_blocks >= blocks:
         out = _attend(q_blocks, q_fields, prepared, [m for _, _, m in parts], scale)
     else:
         out = _attend_in_chunks(q_blocks, q_fields, prepared, [m for _, _, m in parts], scale,
                                 chunk_blocks)
-    return out.reshape(b, blocks * block, n, h)[:, :t]
+    return from_blocks(out, t)
 
 
 def _query_block(t: int, parts: Sequence[KVPart], query_chunk: int) -> int:
@@ -119,20 +120,12 @@ def _bandable(k: jax.Array, mask: MaskSpec, t: int) -> bool:
     return mask.window is not None and k.shape[1] == t
 
 
-def _to_blocks(x: jax.Array, block: int, blocks: int) -> jax.Array:
-    """[B, T, ...] -> [B, blocks, block, ...], zero-padded at the end (segment id 0)."""
-    x = jnp.pad(x, [(0, 0), (0, blocks * block - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
-    return x.reshape(x.shape[0], blocks, block, *x.shape[2:])
-
-
 def _band(x: jax.Array, block: int, blocks: int, left: int, right: int) -> jax.Array:
     """[B, T, ...] -> [B, blocks, block + left + right, ...]: for query block c, the entries at
     indices [c*block - left, (c+1)*block + right), zero outside the sequence."""
     span = block + left + right
     extra = -(-(left + right) // block)
-    total = (blocks + extra) * block
-    x = jnp.pad(x, [(0, 0), (left, total - left - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
-    x = x.reshape(x.shape[0], blocks + extra, block, *x.shape[2:])
+    x = to_blocks(x, block, blocks + extra, left)
     return jnp.concatenate([x[:, j:j + blocks] for j in range(extra + 1)], axis=2)[:, :, :span]
 
 
@@ -222,12 +215,8 @@ _softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 def _attend_in_chunks(q, q_fields, parts, masks, scale, chunk_blocks: int) -> jax.Array:
     """`_attend` over groups of `chunk_blocks` query blocks with lax.map, each group
     rematerialised in the backward pass (banded parts are split along with their queries)."""
-    b, nb = q.shape[:2]
-    groups = -(-nb // chunk_blocks)
-
     def split(x):  # [B, nb, ...] -> [groups, B, chunk_blocks, ...]
-        x = jnp.pad(x, [(0, 0), (0, groups * chunk_blocks - nb)] + [(0, 0)] * (x.ndim - 2))
-        return x.reshape(b, groups, chunk_blocks, *x.shape[2:]).swapaxes(0, 1)
+        return split_sequence(x, chunk_blocks)
 
     mapped = [tuple(split(x) for x in p[:4]) if p[4] else () for p in parts]
 
@@ -239,8 +228,7 @@ def _attend_in_chunks(q, q_fields, parts, masks, scale, chunk_blocks: int) -> ja
 
     fields = [(split(pos), split(seg)) for pos, seg in q_fields]
     out = jax.lax.map(attend_group, (split(q), fields, mapped))
-    out = out.swapaxes(0, 1)
-    return out.reshape(b, groups * chunk_blocks, *out.shape[3:])[:, :nb]
+    return merge_sequence(out, q.shape[1])
 
 
 class Attention(nnx.Module):

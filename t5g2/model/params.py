@@ -1,7 +1,8 @@
 """Parameters as flat dicts: abstract initialisation, counting, export and loading.
 
 Flat keys are '/'-joined module paths, e.g. 'encoder/layers/periods/layers/5/attn/q' (a stacked
-array with a leading period axis) or 'embed/table'.
+array with a leading period axis) or 'embed/table'. Checkpoints name their arrays by the same
+paths joined by '.' (`path_key(path, ".")`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,24 @@ from t5g2.model.config import ModelConfig
 from t5g2.model.transformer import T5Gemma2
 
 
-def path_key(path) -> str:
-    return "/".join(str(p) for p in path)
+def path_key(path, sep: str = "/") -> str:
+    """The flat name of a tree path: its keys joined by `sep`.
+
+    `path` holds plain keys (`nnx.to_flat_state`) or JAX key-path entries (DictKey, GetAttrKey,
+    SequenceKey from `jax.tree_util.tree_flatten_with_path`). A trailing `.value` attribute, an
+    nnx Variable's payload, is left out, so a parameter is named by its module path either way.
+    """
+    names = [_entry_name(entry) for entry in path]
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        names.pop()
+    return sep.join(names)
+
+
+def _entry_name(entry) -> str:
+    for attr in ("key", "name", "idx"):  # DictKey / FlattenedIndexKey, GetAttrKey, SequenceKey
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
 
 
 def abstract_model(cfg: ModelConfig) -> T5Gemma2:
