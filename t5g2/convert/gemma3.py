@@ -25,6 +25,7 @@ from t5g2.convert import checkpoint_files
 from t5g2.convert.hf_config import (TEXT_DEFAULTS, TensorSource, as_dict, first_id,
                                    hf_text_from_stack, stack_from_hf_text, to_numpy)
 from t5g2.convert.layout import LAYER_WEIGHTS, stack_layers, to_t5g2, to_torch, unstack_layers
+from t5g2.model import checkpoint_fields
 from t5g2.model.config import ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,12 @@ _HEAD_KEYS = ("lm_head.weight", "language_model.lm_head.weight")
 _VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.")
 # config.json model_type of Gemma3ForCausalLM and of the multimodal Gemma3ForConditionalGeneration.
 MODEL_TYPES = ("gemma3_text", "gemma3")
+# How `to_gemma3_config` writes RoPE. "config": the stack's own, as `rope_parameters`.
+# "published": what Gemma 3 270M's and 1B's config.json say, under the legacy names they use:
+# theta 1e4 local / 1e6 global, no scaling, 32K context.
+PUBLISHED_ROPE = dict(rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, rope_scaling=None,
+                      max_position_embeddings=32_768)
+ROPE_FORMS = ("config", "published")
 
 
 def config_from_gemma3(gemma3_config: Any, *, vocab_size: int | None = None,
@@ -89,8 +96,13 @@ def fit_vocab(table: np.ndarray, vocab_size: int) -> np.ndarray:
 
 def adapt_state_dict(state_dict: Mapping[str, Any], cfg: ModelConfig) -> dict[str, np.ndarray]:
     """t5g2 flat params initialised from a Gemma 3 state dict (numpy arrays or torch tensors)."""
-    if cfg.encoder != cfg.decoder:
-        raise ConfigError("adaptation needs model.encoder == model.decoder (both are Gemma 3)")
+    differ = checkpoint_fields.differences(cfg.encoder, cfg.decoder,
+                                           ignore=checkpoint_fields.ROPE_STACK_FIELDS)
+    if differ:
+        raise ConfigError("adaptation starts both stacks from the one Gemma 3 stack, so "
+                          "model.encoder and model.decoder must be equal (RoPE aside): "
+                          + ", ".join(f"model.encoder.{f}={a!r} but model.decoder.{f}={b!r}"
+                                      for f, a, b in differ))
     sd = TensorSource({_text_key(k): to_numpy(v) for k, v in state_dict.items()}, "Gemma 3",
                       _VISION_PREFIXES)
     take = sd.take
@@ -129,14 +141,20 @@ def adapt_state_dict(state_dict: Mapping[str, Any], cfg: ModelConfig) -> dict[st
     return flat
 
 
-def to_gemma3_config(cfg: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
-    """The config.json of the Gemma 3 causal LM that `cfg`'s decoder stack is."""
-    return dict(
-        model_type=MODEL_TYPES[0], architectures=["Gemma3ForCausalLM"], dtype=dtype,
-        tie_word_embeddings=cfg.tie_embeddings,
-        **hf_text_from_stack(cfg.decoder, vocab_size=cfg.vocab_size, pad_token_id=cfg.pad_id,
-                             eos_token_id=cfg.eos_id, bos_token_id=cfg.bos_id,
-                             final_logit_softcapping=cfg.final_logit_softcap))
+def to_gemma3_config(cfg: ModelConfig, dtype: str = "float32",
+                     rope: str = "config") -> dict[str, Any]:
+    """The config.json of the Gemma 3 causal LM that `cfg`'s decoder stack is; `rope`: one of
+    ROPE_FORMS (the decoder's RoPE, or the published 270M / 1B form)."""
+    text = hf_text_from_stack(cfg.decoder, vocab_size=cfg.vocab_size, pad_token_id=cfg.pad_id,
+                              eos_token_id=cfg.eos_id, bos_token_id=cfg.bos_id,
+                              final_logit_softcapping=cfg.final_logit_softcap)
+    if rope == "published":
+        del text["rope_parameters"]
+        text.update(PUBLISHED_ROPE)
+    elif rope != "config":
+        raise ConfigError(f"rope={rope!r} is unknown; valid: {', '.join(ROPE_FORMS)}")
+    return dict(model_type=MODEL_TYPES[0], architectures=["Gemma3ForCausalLM"], dtype=dtype,
+                tie_word_embeddings=cfg.tie_embeddings, **text)
 
 
 def to_gemma3_state_dict(flat: Mapping[str, np.ndarray],

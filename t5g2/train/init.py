@@ -2,14 +2,15 @@
 
 The config file stays the single source of truth: a checkpoint's architecture must equal the
 configured one (every difference is an error naming the field and both values), while the run's
-own choices (dtypes, remat, the adaptation's vocabulary, tying and cross-attention) come from the
-config. Parameters are placed sharded as they load: each device receives only its slice of the
-host array, so this works unchanged across processes.
+own choices (dtypes, remat, and for an adaptation the vocabulary, tying, cross-attention and each
+stack's RoPE) come from the config (`t5g2.model.checkpoint_fields` lists them); an adaptation
+logs which RoPE settings differ from the source's. Parameters are placed sharded as they load:
+each device receives only its slice of the host array, so this works unchanged across processes.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import logging
 from typing import Any, Callable, Mapping
 
 import jax
@@ -22,16 +23,14 @@ from jax.sharding import Mesh
 from t5g2.configlib import ConfigError
 from t5g2.convert import checkpoint_files, gemma3, hf_t5gemma2
 from t5g2.convert.checkpoint_files import CheckpointError
-from t5g2.model import ModelConfig
+from t5g2.model import ModelConfig, checkpoint_fields
 from t5g2.model.params import path_key
 from t5g2.train.state import TrainState, init_train_state, model_graphdef, with_params
 
-# Fields a checkpoint does not decide: how this run computes, and remat / scan / chunking.
-RUN_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "attention_query_chunk")
-# Adaptation choices on top: the T5Gemma 2 vocabulary cut, tying, the cross-attention variant
-# and the special ids Gemma 3 has no field for.
-ADAPTATION_FIELDS = RUN_FIELDS + ("vocab_size", "tie_embeddings", "cross_attention",
-                                  "eoi_token_id", "image_token_id")
+log = logging.getLogger(__name__)
+
+# Fields a converted checkpoint does not decide: how this run computes and stores parameters.
+RUN_FIELDS = checkpoint_fields.COMPUTE_FIELDS + checkpoint_fields.STORAGE_FIELDS
 
 
 def chosen_init(config: ml_collections.ConfigDict) -> tuple[str, str] | None:
@@ -56,8 +55,10 @@ def initial_train_state(config: ml_collections.ConfigDict, model_cfg: ModelConfi
                 "init.from_t5gemma2 given")
     kind, path = chosen
     if kind == "from_gemma3":
-        flat, count = _load(path, "Gemma 3", model_cfg, ADAPTATION_FIELDS,
-                            gemma3.config_from_gemma3, gemma3.adapt_state_dict)
+        flat, count = _load(path, "Gemma 3", model_cfg,
+                            RUN_FIELDS + checkpoint_fields.ADAPTATION_FIELDS,
+                            gemma3.config_from_gemma3, gemma3.adapt_state_dict,
+                            rope_from_config=True)
         origin = f"Gemma 3 checkpoint {path} (adapted: {count} tensors)"
     else:
         flat, count = _load(path, "T5Gemma 2", model_cfg, RUN_FIELDS,
@@ -68,10 +69,10 @@ def initial_train_state(config: ml_collections.ConfigDict, model_cfg: ModelConfi
 
 def _load(path: str, kind: str, model_cfg: ModelConfig, run_fields: tuple[str, ...],
           config_from: Callable[..., ModelConfig],
-          convert: Callable[[Mapping[str, Any], ModelConfig], dict[str, np.ndarray]]
-          ) -> tuple[dict[str, np.ndarray], int]:
+          convert: Callable[[Mapping[str, Any], ModelConfig], dict[str, np.ndarray]],
+          rope_from_config: bool = False) -> tuple[dict[str, np.ndarray], int]:
     """(t5g2 flat params, tensors read) of the checkpoint at `path`, after checking that its
-    architecture with this run's `run_fields` is `model_cfg`."""
+    architecture with this run's `run_fields` (and RoPE if `rope_from_config`) is `model_cfg`."""
     hf_config = checkpoint_files.read_config(path)
     try:
         theirs = config_from(hf_config, **{f: getattr(model_cfg, f) for f in run_fields})
@@ -79,7 +80,7 @@ def _load(path: str, kind: str, model_cfg: ModelConfig, run_fields: tuple[str, .
         raise ConfigError(f"{path}/config.json: {e}") from e
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{path}/config.json: not a {kind} config ({e!r})") from e
-    check_architecture(model_cfg, theirs, f"the {kind} checkpoint {path}")
+    check_architecture(model_cfg, theirs, f"the {kind} checkpoint {path}", rope_from_config)
     state_dict = checkpoint_files.read_state_dict(path)
     try:
         return convert(state_dict, model_cfg), len(state_dict)
@@ -89,26 +90,23 @@ def _load(path: str, kind: str, model_cfg: ModelConfig, run_fields: tuple[str, .
         raise CheckpointError(f"{path}: {e.args[0] if e.args else e}") from e
 
 
-def architecture_differences(ours: Any, theirs: Any, prefix: str = "model"
-                             ) -> list[tuple[str, Any, Any]]:
-    """(field, our value, their value) for every differing field, nested stacks included."""
-    diffs = []
-    for field in dataclasses.fields(ours):
-        a, b = getattr(ours, field.name), getattr(theirs, field.name)
-        name = f"{prefix}.{field.name}"
-        if dataclasses.is_dataclass(a):
-            diffs += architecture_differences(a, b, name)
-        elif a != b:
-            diffs.append((name, a, b))
-    return diffs
-
-
-def check_architecture(ours: ModelConfig, theirs: ModelConfig, source: str) -> None:
-    diffs = architecture_differences(ours, theirs)
+def check_architecture(ours: ModelConfig, theirs: ModelConfig, source: str,
+                       rope_from_config: bool = False) -> None:
+    """`theirs` (the architecture of `source`) must equal `ours`; with `rope_from_config`, each
+    stack's RoPE is ours whatever theirs is, and one info line names each RoPE field that
+    changes (source value -> config value)."""
+    rope = checkpoint_fields.ROPE_FIELDS if rope_from_config else ()
+    every = checkpoint_fields.differences(ours, theirs)
+    diffs, changed = [d for d in every if d[0] not in rope], [d for d in every if d[0] in rope]
     if diffs:
-        raise ConfigError("; ".join(f"{name}={a!r} but {source} has {b!r}" for name, a, b in diffs)
+        raise ConfigError("; ".join(f"model.{name}={a!r} but {source} has {b!r}"
+                                    for name, a, b in diffs)
                           + ": set the config to the checkpoint's values (the config file "
                           "decides the architecture; the checkpoint must match it)")
+    if changed:
+        log.info("%s: RoPE from the config, not the source (no weight depends on it): %s",
+                 source, ", ".join(f"model.{name} {source_value!r} -> {config_value!r}"
+                                   for name, config_value, source_value in changed))
 
 
 def place_params(flat: Mapping[str, np.ndarray], model_cfg: ModelConfig,
