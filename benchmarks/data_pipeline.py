@@ -1,19 +1,27 @@
-"""UL2 input-pipeline throughput: t5g2's grain pipeline against the same span corruption run
-through seqio / TensorFlow, on the same text, vocabulary, mixture and lengths, in one process.
-Prints one JSON object (and `main` returns it). From the repository root:
+"""UL2 input-pipeline throughput: t5g2's grain pipeline against two baselines, on the same text,
+vocabulary and lengths, in one process; or (`--index`) the first-batch time on a generated
+~1 GB JSONL corpus with the document index cold and cached. Prints one JSON object (and `main`
+returns it). From the repository root:
 
     nice -n -15 python -m benchmarks.data_pipeline               # 16384 / 16384, batch 4
     nice -n -15 python -m benchmarks.data_pipeline --workers 2 --batches 10
     python -m benchmarks.data_pipeline --skip_seqio --encoder_length 2048 --decoder_length 2048
+    python -m benchmarks.data_pipeline --index                   # 1 GiB in /tmp, deleted after
 
-The two sides:
+The sides:
 * t5g2: `Ul2Source` (grain: documents -> sentencepiece -> `DenoisedChunks` -> first-fit packing
   -> batches) over the embedded corpus, with `--workers` tokenizing processes and
   `--read_threads`;
 * seqio: `register_ul2_tasks` over the same corpus written to a text file, one document per line
   (its line breaks replaced by spaces, the only change to the text), read through
   `seqio.get_dataset` with tf.data's own thread pools.
-Both call the same numpy `denoise` with the same vocabulary ids; the machinery around it differs.
+Both call the same numpy `denoise` (seqio through `tf.numpy_function`) with the same vocabulary
+ids; the machinery around it differs.
+* t5_span_corruption_tf: the baseline T5 users know, T5's `span_corruption` (noise density 0.15,
+  mean span 3, no mode token) in TF ops, after the same reading, tokenizing and chunking as the
+  seqio side (`t5_span_corruption_map`; the `t5` package itself is not installed: its
+  requirements replace the pinned seqio and tensorflow-datasets). One denoiser rather than the
+  mixture: compare its per-CPU-second rates, which tokenizing dominates.
 
 How seqio is read. `SeqioSource` (`--seqio_pack`) packs with seqio's `trim_and_pack_dataset`,
 which pads max(encoder_length, decoder_length) examples into one batch and packs them in a
@@ -37,7 +45,8 @@ Per window: wall time; batches/s; examples/s (decoder segments); output position
 decoder, padding included); real tokens/s (positions holding a token); fill fractions; raw text
 tokens/s (the text tokens the examples were made from, counted from the batches: real tokens
 minus sentinels, mode tokens and the two EOS `denoise` appends; for t5g2 also
-`Ul2Source.consumed()`'s counters, as a cross-check); CPU seconds and real tokens per CPU-second.
+`Ul2Source.consumed()`'s counters, as a cross-check); CPU seconds, real tokens and raw text
+tokens per CPU-second (the last compares sides whose denoisers differ: text consumed per CPU).
 CPU time = this process (`time.process_time()`: every thread, so tf.data's and grain's threads
 count) + children already waited for (`os.times()`) + descendants still alive (utime + stime +
 cutime + cstime from /proc/<pid>/stat: grain's worker processes; `getrusage(RUSAGE_CHILDREN)`
@@ -54,8 +63,10 @@ divides by positions per CPU-second instead.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -162,6 +173,7 @@ def _rates(counts: np.ndarray, wall: float, cpu0: dict[str, float],
         batches_per_s=per(c["batches"], wall), examples_per_s=per(c["examples"], wall),
         positions_per_s=round(positions / wall), real_tokens_per_s=round(real / wall),
         raw_text_tokens_per_s=round(c["raw_text_tokens"] / wall),
+        raw_text_tokens_per_cpu_s=round(c["raw_text_tokens"] / cpu_s) if cpu_s > 0 else None,
         cpu_s=round(cpu_s, 3), cpu_s_own_process=round(cpu1["own"] - cpu0["own"], 3),
         cpu_s_child_processes=round(cpu1["children"] - cpu0["children"], 3),
         cpu_cores_busy=per(cpu_s, wall),
@@ -308,6 +320,126 @@ def bench_seqio(cfg: PipelineConfig, documents, vocab: Vocabulary, mixture: Mixt
     return result
 
 
+# ------------------------------------------------ baseline 2: T5's span corruption in TF ops
+
+T5_SPAN_CORRUPTION = dict(noise_density=0.15, mean_noise_span_length=3.0)
+
+
+def t5_span_corruption_map(*, sentinel_ids: np.ndarray, eos_id: int,
+                           noise_density: float = 0.15, mean_noise_span_length: float = 3.0):
+    """T5's `span_corruption` denoising step (`t5.data.preprocessors`: random_spans_noise_mask,
+    noise_span_to_unique_sentinel, nonnoise_span_to_unique_sentinel), written here in TF ops
+    from the algorithm, since the `t5` package's requirements replace the pinned seqio and
+    tensorflow-datasets. Per chunk of L tokens: round(L * density) noise tokens (clamped to
+    [1, L-1]) in round(noise / mean) spans (at least 1), both split into uniformly random
+    compositions with stateless shuffles; non-noise first, then alternating. Inputs: noise spans
+    replaced by one sentinel each (the k-th span by sentinel_ids[k]); targets: the same with
+    noise and non-noise swapped; EOS appended to both (T5's output features add it)."""
+    import seqio
+    import tensorflow as tf
+
+    sentinels = tf.constant(np.asarray(sentinel_ids, np.int32))
+
+    def shuffle(x, seed):
+        return tf.gather(x, tf.argsort(tf.random.stateless_uniform(tf.shape(x), seed)))
+
+    def random_segmentation(num_items, num_segments, seed):
+        """Lengths of num_segments non-empty segments summing to num_items, uniformly random."""
+        starts = tf.concat([tf.ones([num_segments - 1], tf.int32),
+                            tf.zeros([num_items - num_segments], tf.int32)], 0)
+        segment_ids = tf.cumsum(tf.pad(shuffle(starts, seed), [[1, 0]]))
+        return tf.math.segment_sum(tf.ones_like(segment_ids), segment_ids)
+
+    def noise_mask(length, seeds):
+        padded = tf.maximum(length, 2)
+        num_noise = tf.cast(tf.round(tf.cast(padded, tf.float32) * noise_density), tf.int32)
+        num_noise = tf.clip_by_value(num_noise, 1, padded - 1)
+        num_spans = tf.maximum(tf.cast(tf.round(tf.cast(num_noise, tf.float32)
+                                                / mean_noise_span_length), tf.int32), 1)
+        noise = random_segmentation(num_noise, num_spans, seeds[0])
+        nonnoise = random_segmentation(padded - num_noise, num_spans, seeds[1])
+        span_starts = tf.cumsum(tf.reshape(tf.stack([nonnoise, noise], 1), [-1]))[:-1]
+        starts = tf.math.unsorted_segment_sum(tf.ones_like(span_starts), span_starts, padded)
+        return tf.equal(tf.cumsum(starts) % 2, 1)[:length]
+
+    def spans_to_sentinels(tokens, mask):
+        previous = tf.pad(mask[:-1], [[1, 0]])
+        first = tf.logical_and(mask, tf.logical_not(previous))
+        later = tf.logical_and(mask, previous)
+        span = tf.maximum(tf.cumsum(tf.cast(first, tf.int32)) - 1, 0)
+        tokens = tf.where(first, tf.gather(sentinels, span), tokens)
+        return tf.boolean_mask(tokens, tf.logical_not(later))
+
+    @seqio.map_over_dataset(num_seeds=2)
+    def span_corruption(x, seeds):
+        tokens = x["targets"]
+        mask = noise_mask(tf.size(tokens), seeds)
+        eos = tf.constant([eos_id], tf.int32)
+        return {"inputs": tf.concat([spans_to_sentinels(tokens, mask), eos], 0),
+                "targets": tf.concat([spans_to_sentinels(tokens, tf.logical_not(mask)), eos],
+                                     0)}
+
+    return span_corruption
+
+
+def register_t5_span_corruption(name: str, *, vocab: Vocabulary, text_path: str,
+                                inputs_length: int, targets_length: int) -> tuple[str, int]:
+    """A seqio Task reading, tokenizing and chunking exactly as `register_ul2_tasks` does, then
+    T5's span corruption in TF ops; returns (name, raw chunk length: T5's random_spans_helper
+    at inputs_length, as t5g2's `raw_length` computes it for this denoiser)."""
+    import functools
+
+    import seqio
+    import tensorflow as tf
+
+    from t5g2.data import seqio_tasks
+    from t5g2.data.denoisers import Denoiser, raw_length, spans_needed
+
+    denoiser = Denoiser("T5", "span", mean_span_length=3.0, noise_density=0.15)
+    length = raw_length(denoiser, inputs_length, targets_length)
+    vocab.require_sentinels(spans_needed(denoiser, inputs_length, targets_length),
+                            f"T5 span corruption at inputs_length={inputs_length}")
+    features = {key: seqio.Feature(vocab.seqio_vocabulary(), add_eos=False, dtype=tf.int32)
+                for key in ("inputs", "targets")}
+    seqio_tasks._unregister(name)
+    seqio.TaskRegistry.add(
+        name, source=seqio.TextLineDataSource({seqio_tasks.SPLIT: [text_path]}),
+        output_features=features,
+        preprocessors=[seqio_tasks._text_documents, seqio_tasks._rekey_text_to_targets,
+                       functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
+                       seqio_tasks._chunks(length, eos_id=vocab.eos_id),
+                       t5_span_corruption_map(sentinel_ids=vocab.sentinel_ids,
+                                              eos_id=vocab.eos_id)])
+    return name, length
+
+
+def bench_t5_span_corruption(cfg: PipelineConfig, documents, vocab: Vocabulary,
+                             warmup: int, count: int) -> dict[str, Any]:
+    mixture = mixture_from_config([dict(name="T5", kind="span", mean_span_length=3.0,
+                                        noise_density=0.15)])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "corpus.txt")
+        written = write_text_lines(documents, path)
+        started = (time.perf_counter(), cpu_seconds())
+        name, length = register_t5_span_corruption(
+            "t5g2_bench_t5_span_corruption", vocab=vocab, text_path=path,
+            inputs_length=cfg.encoder_length, targets_length=cfg.decoder_length)
+        source = UnpackedSeqioBatches(name, start_id=vocab.bos_id,
+                                      inputs_length=cfg.encoder_length,
+                                      targets_length=cfg.decoder_length,
+                                      batch_size=cfg.batch_size, seed=cfg.seed, shuffle=False)
+        try:
+            result = measure(iter(source), BatchCounter(vocab, mixture), warmup, count, started)
+        finally:
+            source.close()
+    result.update(
+        reader="seqio.get_dataset, EncDecFeatureConverter(pack=False): the seqio side's reading, "
+               "tokenizing and chunking, then T5's span_corruption in TF ops",
+        denoiser=dict(T5_SPAN_CORRUPTION, raw_length=length, mode_token=None),
+        text_file=written)
+    return result
+
+
 def seqio_packing(cfg: PipelineConfig, unpacked: dict[str, Any] | None) -> dict[str, Any]:
     """What seqio's packing (seqio.utils.trim_and_pack_dataset, used by SeqioSource) costs
     before its first batch: it pads max(lengths) examples into one batch and packs them."""
@@ -332,6 +464,126 @@ def seqio_packing(cfg: PipelineConfig, unpacked: dict[str, Any] | None) -> dict[
                 "tf.data may run the fill on more cores than the steady window). Measured "
                 "with --seqio_pack on this machine: 8.7 s at 1024 and 13.8 s at 2048 against "
                 "estimates of 6.2 s and 15.2 s")
+    return out
+
+
+# ------------------------------------------------------- --index: cold and warm first batch
+
+def write_jsonl_corpus(directory: str, documents, *, total_bytes: int, shards: int) -> dict:
+    """A deterministic JSONL corpus of about `total_bytes` in `shards` files: the documents
+    cycled, each record {"id": n, "text": document n mod len(documents)}."""
+    os.makedirs(directory, exist_ok=True)
+    texts = [json.dumps(d) for d in documents]
+    per_shard = total_bytes // shards
+    n = written = 0
+    paths = []
+    for shard in range(shards):
+        path = os.path.join(directory, f"corpus-{shard:05d}-of-{shards:05d}.jsonl")
+        size, lines = 0, []
+        while size < per_shard:
+            line = f'{{"id": {n}, "text": {texts[n % len(texts)]}}}\n'
+            lines.append(line)
+            size += len(line.encode())
+            n += 1
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+        written += size
+        paths.append(path)
+    return dict(paths=paths, documents=n, bytes=written, shards=shards)
+
+
+def _drop_page_cache(paths) -> bool:
+    """Ask the kernel to forget the files' cached pages (so "cold" reads the disk); False where
+    it cannot (non-Linux)."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return True
+
+
+def first_batch_from(cfg: PipelineConfig, vocab: Vocabulary, mixture: Mixture) -> dict:
+    """Open the documents (index from the cache or scanned) and build a Ul2Source; seconds to
+    the open documents and to the first batch, from nothing."""
+    from t5g2.data.pipeline import open_configured_documents
+    start, cpu0 = time.perf_counter(), cpu_seconds()
+    documents = open_configured_documents(cfg)
+    opened = time.perf_counter() - start
+    source = Ul2Source(cfg, documents=documents, vocab=vocab, mixture=mixture,
+                       process_index=0, process_count=1)
+    try:
+        next(source)
+        first = time.perf_counter() - start
+    finally:
+        source.close()
+    return dict(open_documents_s=round(opened, 3), first_batch_s=round(first, 3),
+                cpu_s=round(cpu_seconds()["total"] - cpu0["total"], 3),
+                documents=len(documents), skipped=documents.skipped)
+
+
+def run_index(args: argparse.Namespace) -> dict[str, Any]:
+    """First-batch time on a generated JSONL corpus: cold (no cached index; scanned in this
+    process and by one process per core) and warm (the index cached)."""
+    load_start = os.getloadavg()
+    cfg = PipelineConfig(encoder_length=args.encoder_length, decoder_length=args.decoder_length,
+                         batch_size=args.batch, seed=args.seed, mixture=args.mixture,
+                         vocab_size=args.vocab_size, read_threads=args.read_threads,
+                         cache_dir=args.cache_dir, source_kind="jsonl", source_field="text")
+    mixture = mixture_from_config(cfg.mixture)
+    vocab = open_vocabulary(cfg, mixture)  # trained and cached before any timing
+    embedded = open_documents("embedded", cache_dir=cfg.cache_dir)
+    work = tempfile.mkdtemp(prefix="t5g2-index-bench-", dir=args.index_tmp)
+    out: dict[str, Any] = dict(encoder_length=cfg.encoder_length,
+                               decoder_length=cfg.decoder_length, batch=cfg.batch_size,
+                               mixture=cfg.mixture, cpu_count=os.cpu_count())
+    try:
+        started = time.perf_counter()
+        corpus = write_jsonl_corpus(os.path.join(work, "corpus"), embedded,
+                                    total_bytes=int(args.index_corpus_mb * 2**20),
+                                    shards=args.index_shards)
+        out["corpus"] = dict(kind="jsonl", bytes=corpus["bytes"], shards=corpus["shards"],
+                             documents=corpus["documents"],
+                             generate_s=round(time.perf_counter() - started, 1))
+        paths = (os.path.join(work, "corpus", "*.jsonl"),)
+        runs = []
+        for name, workers in (("cold_one_process", 0), ("cold_parallel", os.cpu_count())):
+            index_dir = os.path.join(work, f"index-{name}")
+            dropped = _drop_page_cache(corpus["paths"])
+            runs.append((name, dict(
+                first_batch_from(dataclasses.replace(cfg, source_paths=paths,
+                                                     index_dir=index_dir,
+                                                     index_workers=workers), vocab, mixture),
+                index_workers=workers, page_cache_dropped=dropped)))
+        for name in ("warm", "warm_again"):
+            runs.append((name, dict(first_batch_from(dataclasses.replace(
+                cfg, source_paths=paths, index_dir=index_dir), vocab, mixture),
+                index_cached=True)))
+        out.update(runs)
+        index_bytes = sum(os.path.getsize(os.path.join(index_dir, f))
+                          for f in os.listdir(index_dir))
+        out["index"] = dict(bytes=index_bytes, files=len(os.listdir(index_dir)))
+        out["warm_over_cold_parallel_first_batch"] = _ratio(out["warm"]["first_batch_s"],
+                                                            out["cold_parallel"]["first_batch_s"])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out["corpus_deleted"] = not os.path.exists(work)
+    out["notes"] = (
+        "first_batch_s: from opening the documents (the index read from the cache, or every "
+        "file scanned: UTF-8 and JSON checked per line) to the pipeline's first batch; "
+        "open_documents_s is the opening alone. cold_one_process scans in this process, "
+        "cold_parallel in one spawned process per core (index_workers=cpu_count; each starts "
+        "a fresh interpreter that imports this benchmark's modules again); warm reads the "
+        "cached index (sizes, mtimes and a head/tail hash checked per file). The page cache "
+        "is dropped before each cold run (posix_fadvise DONTNEED) so it reads the disk; the "
+        "warm runs then read only the index and the few documents the first batch needs.")
+    out["environment"] = environment()
+    out["environment"].update(load_average_start=[round(x, 2) for x in load_start],
+                              load_average_end=[round(x, 2) for x in os.getloadavg()])
     return out
 
 
@@ -386,7 +638,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "output) instead of unpacked")
     p.add_argument("--seqio_shuffle", action="store_true",
                    help="seqio's 1000-example shuffle buffer per task (t5x's default)")
+    p.add_argument("--skip_t5", action="store_true",
+                   help="leave out the T5 span-corruption (TF ops) baseline")
     p.add_argument("--cache_dir", default=None, help="t5g2 cache (corpus, vocabularies)")
+    p.add_argument("--index", action="store_true",
+                   help="instead: first-batch time on a generated JSONL corpus, cold (document "
+                        "index scanned) and warm (index cached)")
+    p.add_argument("--index_corpus_mb", type=float, default=1024,
+                   help="--index: corpus size in MiB (generated, deleted afterwards)")
+    p.add_argument("--index_shards", type=int, default=16, help="--index: corpus files")
+    p.add_argument("--index_tmp", default=None,
+                   help="--index: where the corpus is generated (default: the temp dir)")
     return p
 
 
@@ -418,7 +680,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                               args.batches, pack=args.seqio_pack,
                                               shuffle=args.seqio_shuffle)
         keys = ("examples_per_s", "real_tokens_per_s", "examples_per_cpu_s",
-                "real_tokens_per_cpu_s")
+                "real_tokens_per_cpu_s", "raw_text_tokens_per_cpu_s")
         out["ratios_t5g2_over_seqio"] = {
             window: {k: _ratio(out["t5g2_grain"][window][k], out["seqio_tensorflow"][window][k])
                      for k in keys}
@@ -426,6 +688,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         out["seqio_packing"] = seqio_packing(
             cfg, None if args.seqio_pack else out["seqio_tensorflow"])
+    if not args.skip_seqio and not args.skip_t5:
+        out["t5_span_corruption_tf"] = bench_t5_span_corruption(cfg, documents, vocab,
+                                                                args.warmup, args.batches)
+        out["ratios_t5g2_over_t5_span_corruption"] = {
+            window: {k: _ratio(out["t5g2_grain"][window][k],
+                               out["t5_span_corruption_tf"][window][k]) for k in keys}
+            for window in ("steady", "whole_run")}
 
     steady = out["t5g2_grain"]["steady"]
     rate = args.consumer_tokens_per_s
@@ -436,6 +705,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if "seqio_tensorflow" in out:
         out["cores_needed_seqio"] = _ratio(
             rate, out["seqio_tensorflow"]["steady"]["real_tokens_per_cpu_s"], 2)
+    if "t5_span_corruption_tf" in out:
+        out["cores_needed_t5_span_corruption"] = _ratio(
+            rate, out["t5_span_corruption_tf"]["steady"]["real_tokens_per_cpu_s"], 2)
     out["cores_needed_assumption"] = (
         "consumer_tokens_per_s / t5g2's steady real (non-padding) tokens per CPU-second in this "
         f"run's configuration (workers={cfg.num_workers}, read_threads={cfg.read_threads}): "
@@ -457,7 +729,8 @@ def _ratio(a, b, digits: int = 3):
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    result = run(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    result = run_index(args) if args.index else run(args)
     print(json.dumps(result, indent=2))
     sys.stdout.flush()
     return result

@@ -17,6 +17,12 @@ from t5g2.data import corpus
 from t5g2.data.sources import Documents, SourceError, expand_paths, open_documents
 
 
+@pytest.fixture(autouse=True)
+def private_index_cache(tmp_path, monkeypatch):
+    """Document indexes go to the test's own cache, not the user's."""
+    monkeypatch.setenv("T5G2_CACHE", str(tmp_path / "t5g2-cache"))
+
+
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("t5g2-cache"))
@@ -145,9 +151,9 @@ def test_documents_pickle_without_open_files(tmp_path):
     jsonl = write_jsonl(tmp_path / "a.jsonl", [{"text": "three"}, {"text": "four"}])
     for docs in (open_documents("text", text), open_documents("jsonl", jsonl, field="text")):
         first = docs[0]  # opens the file in this process
-        assert docs.files[0]._fd is not None
+        assert docs.files[0]._reader._fd is not None
         copy = pickle.loads(pickle.dumps(docs))
-        assert copy.files[0]._fd is None  # reopened lazily where it is used
+        assert copy.files[0]._reader._fd is None  # reopened lazily where it is used
         assert copy[0] == first and list(copy) == list(docs)
 
 
@@ -221,7 +227,9 @@ def test_bad_arguments_are_named(tmp_path, kind, field, message):
 
 
 def bad_inputs(tmp_path):
-    """(kind, paths, field, error message, skipped counts, documents kept) per bad input."""
+    """(kind, paths, field, error message, skipped counts, documents kept) per bad input.
+    Parquet and ArrayRecord open from metadata: their bad records are counted when read
+    (`read:` counts, `Documents.read_problems()`) and read as ""."""
     d = tmp_path
     pq.write_table(pa.table({"body": ["x", "y"]}), d / "nocol.parquet")
     pq.write_table(pa.table({"text": [1, 2, 3]}), d / "int.parquet")
@@ -254,38 +262,46 @@ def bad_inputs(tmp_path):
          "text", f"{d}/empty.jsonl: empty file", {"empty_file": 1}, ["a"]),
         ("parquet", [f"{d}/nocol.parquet", f"{d}/nulls.parquet"], "text",
          f"{d}/nocol.parquet: no column 'text' \\(columns: 'body'\\)",
-         {"missing_field": 2, "not_string": 1, "empty": 1}, ["ok"]),
+         {"missing_field": 2, "read:not_string": 1, "read:empty": 1}, ["ok", "", ""]),
         ("parquet", [f"{d}/int.parquet", f"{d}/latin.parquet"], "text",
          f"{d}/int.parquet: column 'text' has type int64, not string",
-         {"not_string": 3, "non_utf8": 1}, ["ok"]),
+         {"not_string": 3, "read:non_utf8": 1}, ["ok", ""]),
         ("parquet", [write(d / "junk.parquet", b"PAR1 nonsense"), f"{d}/latin.parquet"], "text",
-         f"{d}/junk.parquet: not a Parquet file", {"unreadable_file": 1, "non_utf8": 1}, ["ok"]),
+         f"{d}/junk.parquet: not a Parquet file", {"unreadable_file": 1, "read:non_utf8": 1},
+         ["ok", ""]),
         ("arrayrecord", write_arrayrecord(d / "a.arrayrecord", [b"a", b"\xfe", b"", b"b"]), None,
          fr"{d}/a.arrayrecord: record 1: not valid UTF-8 \(byte 0xfe at offset 0\)",
-         {"non_utf8": 1, "empty": 1}, ["a", "b"]),
+         {"read:non_utf8": 1, "read:empty": 1}, ["a", "", "", "b"]),
         ("arrayrecord", [write(d / "junk.arrayrecord", b"j" * 70_000), f"{d}/a.arrayrecord"],
          None, f"{d}/junk.arrayrecord: not an ArrayRecord file",
-         {"unreadable_file": 1, "non_utf8": 1, "empty": 1}, ["a", "b"]),
+         {"unreadable_file": 1, "read:non_utf8": 1, "read:empty": 1}, ["a", "", "", "b"]),
     ]
 
 
 def test_bad_input_errors_name_file_place_and_problem(tmp_path):
-    for kind, paths, field, message, _, _ in bad_inputs(tmp_path):
+    for kind, paths, field, message, skipped, _ in bad_inputs(tmp_path):
         with pytest.raises(SourceError, match=message) as info:
-            open_documents(kind, paths, field=field)
+            docs = open_documents(kind, paths, field=field)
+            assert all(k.startswith("read:") for k in skipped), message  # else open raised
+            list(docs)  # Parquet/ArrayRecord records are checked when read
         assert "on_bad='skip'" in str(info.value)
 
 
 def test_bad_input_skipped_is_counted_and_reported(tmp_path, caplog):
     for kind, paths, field, message, skipped, kept in bad_inputs(tmp_path):
+        at_open = {k: v for k, v in skipped.items() if not k.startswith("read:")}
+        at_read = {k[len("read:"):]: v for k, v in skipped.items() if k.startswith("read:")}
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="t5g2.data.sources"):
             docs = open_documents(kind, paths, field=field, on_bad="skip")
-        assert (list(docs), docs.skipped) == (kept, skipped), message
+            assert pickle.loads(pickle.dumps(docs)).skipped == at_open
+            assert (list(docs), docs.skipped) == (kept, at_open), message
+        assert docs.read_problems() == at_read, message
         report = docs.report()
-        assert all(f"{reason}={count}" in report for reason, count in skipped.items())
-        assert caplog.messages == [report]  # never silent
-        assert pickle.loads(pickle.dumps(docs)).skipped == skipped
+        assert all(f"{reason}={count}" in report for reason, count in at_open.items())
+        read_warnings = [m for m in caplog.messages if "read as an empty document" in m]
+        assert caplog.messages == [report] * bool(at_open) + read_warnings  # never silent
+        assert len(read_warnings) == sum(at_read.values()), message
 
 
 def test_nothing_left_after_skipping_is_an_error(tmp_path):

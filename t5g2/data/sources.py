@@ -1,10 +1,17 @@
 """Document sources: text, JSONL, Parquet and ArrayRecord files, or the embedded corpus.
 
 `open_documents(kind, paths, field=..., on_bad=...)` returns `Documents`, a random-access sequence
-of strings whose length is known when it opens: opening reads every file once, validates every
-document and keeps only an index (byte offsets or row numbers), so the object is small and
-picklable for grain worker processes; documents are read again on access (files are reopened
-lazily in each process).
+of strings whose length is known when it opens; it keeps only an index (byte offsets or row
+numbers), so the object is small and picklable for grain worker processes; documents are read
+again on access (files are reopened lazily in each process).
+
+Opening a text or JSONL file scans it once, validating every document, and caches the result
+(`index.py`: under `index_dir`, keyed by the file's size, modification time and a hash of its
+ends; rebuilt when stale or corrupt; a large corpus is scanned by parallel processes, and hosts
+sharing `index_dir` split the scan): a restart, or another host, reads the small index instead
+of the corpus. Parquet and ArrayRecord files
+are opened from their own metadata (row and record counts, schema) without reading a record; their
+records are checked when read (see below).
 
 What one document is, per kind:
 * "text": a maximal run of non-blank lines (documents are separated by one or more blank lines),
@@ -22,11 +29,19 @@ SourceError naming the file, the line/row/record and the problem. With `on_bad="
 reason, reported by `Documents.report()` and logged as a warning. Reasons (counting documents,
 except the `*_file` ones, which count files): empty_file, unreadable_file, non_utf8, not_json,
 not_object, missing_field (a JSONL line without the key, or every row of a Parquet file without
-the column), not_string, empty (a document that is only whitespace).
+the column), not_string, empty (a document that is only whitespace). A cached index keeps its
+file's counts and first messages, so a warm start reports exactly what a cold one does.
+Parquet and ArrayRecord: file-level problems (unreadable, empty, missing column, column type) are
+found at open from the metadata; a record that is null, not UTF-8 or only whitespace is found when
+it is read: with "error" it raises SourceError naming the file, row/record and problem (in the
+training job, at that step); with "skip" it reads as the empty document "" (so the sequence keeps
+its length; the pipeline then sees only its EOS), counted in `Documents.read_problems()` of the
+reading process and logged as a warning (the first few per file).
 Very long documents are fine: the pipeline splits them.
 
 Paths may be globs; each pattern expands in sorted order, and a pattern matching nothing is an
-error naming it.
+error naming it. A path may be an object-store URI (gs://bucket/corpus/*.jsonl, s3://...): it is
+read through `etils.epath` (`fs.py`); ArrayRecord files must be local.
 """
 
 from __future__ import annotations
@@ -35,7 +50,6 @@ import collections
 import glob
 import json
 import logging
-import mmap
 import os
 import re
 import threading
@@ -43,7 +57,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from t5g2.data.corpus import embedded_corpus_path
+from t5g2.data import fs
+from t5g2.data.corpus import cache_root, embedded_corpus_path
+from t5g2.data.index import FileIndex, file_indexes
 
 __all__ = ["SourceError", "Documents", "open_documents", "embedded_corpus_path", "expand_paths",
            "KINDS"]
@@ -58,7 +74,6 @@ _SHOWN_PROBLEMS = 5
 _TEXT_BLOCK = re.compile(rb"(?m)^[^\S\n]*+\S[^\n]*(?:\n[^\S\n]*+\S[^\n]*)*")
 
 log = logging.getLogger(__name__)
-_OPEN_LOCK = threading.Lock()  # files are opened lazily, once, by whichever reader thread is first
 
 
 class SourceError(ValueError):
@@ -71,15 +86,15 @@ def expand_paths(paths: str | Sequence[str]) -> list[str]:
         paths = [paths]
     files: dict[str, None] = {}
     for pattern in map(str, paths):
-        expanded = os.path.expanduser(pattern)
+        expanded = pattern if fs.is_remote(pattern) else os.path.expanduser(pattern)
         if glob.has_magic(expanded):
-            matches = sorted(p for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
+            matches = fs.glob_files(expanded)
             if not matches:
                 raise SourceError(f"no file matches the pattern {pattern!r}")
-        elif os.path.isdir(expanded):
+        elif fs.is_dir(expanded):
             raise SourceError(f"{pattern} is a directory; name its files, e.g. "
-                              f"{os.path.join(pattern, '*.txt')!r}")
-        elif not os.path.isfile(expanded):
+                              f"{fs.join(pattern, '*.txt')!r}")
+        elif not fs.is_file(expanded):
             raise SourceError(f"no such file: {pattern}")
         else:
             matches = [expanded]
@@ -90,7 +105,9 @@ def expand_paths(paths: str | Sequence[str]) -> list[str]:
 
 
 class _Problems:
-    """Applies the on_bad policy: raise on the first problem, or count and remember a few."""
+    """Applies the on_bad policy: raise on the first problem, or count and remember a few.
+    "record" (used while indexing a file) counts like "skip"; the policy is applied later, to the
+    recorded problems, so one cached index serves both policies."""
 
     def __init__(self, on_bad: str):
         self.on_bad = on_bad
@@ -100,10 +117,24 @@ class _Problems:
     def __call__(self, reason: str, path: str, where: str, detail: str, count: int = 1) -> None:
         message = f"{path}: {where}: {detail}" if where else f"{path}: {detail}"
         if self.on_bad == "error":
-            raise SourceError(f"{message} (on_bad='skip' skips and counts such input)")
+            _raise_problem(message)
         self.counts[reason] += count
         if len(self.examples) < _SHOWN_PROBLEMS:
             self.examples.append(message)
+
+    def add(self, counts: dict[str, int], examples: Sequence[str]) -> None:
+        """Problems recorded elsewhere (a file's index), under this policy."""
+        if counts and self.on_bad == "error":
+            _raise_problem(examples[0])
+        self.counts.update(counts)
+        self.examples.extend(examples[:_SHOWN_PROBLEMS - len(self.examples)])
+
+    def __len__(self) -> int:
+        return sum(self.counts.values())
+
+
+def _raise_problem(message: str):
+    raise SourceError(f"{message} (on_bad='skip' skips and counts such input)")
 
 
 def _utf8(data: bytes, problems: _Problems, path: str, where: str,
@@ -130,32 +161,21 @@ def _decoded(data: bytes, problems: _Problems, path: str, where: str) -> str | N
 
 
 class _ByteRangeFile:
-    """Documents stored as byte ranges of one file, read with pread (thread- and fork-safe)."""
+    """Documents stored as byte ranges of one file (local: pread, thread- and fork-safe)."""
 
     def __init__(self, path: str, starts: np.ndarray, ends: np.ndarray):
         self.path, self.starts, self.ends = path, starts, ends
-        self._fd: int | None = None
+        self._reader = fs.RangeReader(path)
 
     def __len__(self) -> int:
         return len(self.starts)
 
     def raw(self, i: int) -> bytes:
-        if self._fd is None:
-            with _OPEN_LOCK:
-                if self._fd is None:
-                    self._fd = os.open(self.path, os.O_RDONLY)
         start, end = int(self.starts[i]), int(self.ends[i])
-        return os.pread(self._fd, end - start, start)
+        return self._reader.read(start, end - start)
 
     def read(self, i: int) -> str:
         return self.raw(i).decode("utf-8")
-
-    def __getstate__(self):
-        return dict(path=self.path, starts=self.starts, ends=self.ends, _fd=None)
-
-    def __del__(self):
-        if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
 
 
 class _JsonlFile(_ByteRangeFile):
@@ -166,63 +186,43 @@ class _JsonlFile(_ByteRangeFile):
     def read(self, i: int) -> str:
         return json.loads(self.raw(i))[self.field]
 
-    def __getstate__(self):
-        return dict(super().__getstate__(), field=self.field)
+
+def _scan_text(data, path: str, problems: _Problems, field: str | None):
+    starts, ends = [], []
+    for match in _TEXT_BLOCK.finditer(data):
+        start, end = match.span()
+        block = data[start:end]
+        try:
+            text = block.decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad = start + e.start
+            line = data[:bad].count(b"\n") + 1  # only computed for a bad block
+            problems("non_utf8", path, f"line {line}",
+                     f"not valid UTF-8 (byte 0x{block[e.start]:02x} at file offset {bad})")
+            continue
+        if not text.strip():  # e.g. only non-breaking spaces
+            line = data[:start].count(b"\n") + 1
+            problems("empty", path, f"line {line}", "empty document (only whitespace)")
+            continue
+        starts.append(start)
+        ends.append(end)
+    return starts, ends
 
 
-def _mapped(path: str, problems: _Problems):
-    """The file's bytes (an mmap), or None when it is empty (reported as empty_file)."""
-    if os.path.getsize(path) == 0:
-        problems("empty_file", path, "", "empty file")
-        return None
-    with open(path, "rb") as f:
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-
-
-def _scan_text(path: str, problems: _Problems, field: str | None):
-    data = _mapped(path, problems)
-    if data is None:
-        return None
-    with data:
-        starts, ends = [], []
-        for match in _TEXT_BLOCK.finditer(data):
-            start, end = match.span()
-            block = data[start:end]
-            try:
-                text = block.decode("utf-8")
-            except UnicodeDecodeError as e:
-                bad = start + e.start
-                line = data[:bad].count(b"\n") + 1  # only computed for a bad block
-                problems("non_utf8", path, f"line {line}",
-                         f"not valid UTF-8 (byte 0x{block[e.start]:02x} at file offset {bad})")
-                continue
-            if not text.strip():  # e.g. only non-breaking spaces
-                line = data[:start].count(b"\n") + 1
-                problems("empty", path, f"line {line}", "empty document (only whitespace)")
-                continue
+def _scan_jsonl(data, path: str, problems: _Problems, field: str):
+    starts, ends, offset, line_number = [], [], 0, 0
+    while offset < len(data):
+        end = data.find(b"\n", offset)
+        end = len(data) if end < 0 else end
+        start, offset, line_number = offset, end + 1, line_number + 1
+        line = data[start:end]
+        if not line.strip():
+            continue
+        where = f"line {line_number}"
+        if _jsonl_text(line, field, problems, path, where) is not None:
             starts.append(start)
             ends.append(end)
-    return _ByteRangeFile(path, np.asarray(starts, np.int64), np.asarray(ends, np.int64))
-
-
-def _scan_jsonl(path: str, problems: _Problems, field: str):
-    data = _mapped(path, problems)
-    if data is None:
-        return None
-    with data:
-        starts, ends, offset, line_number = [], [], 0, 0
-        while offset < len(data):
-            end = data.find(b"\n", offset)
-            end = len(data) if end < 0 else end
-            start, offset, line_number = offset, end + 1, line_number + 1
-            line = data[start:end]
-            if not line.strip():
-                continue
-            where = f"line {line_number}"
-            if _jsonl_text(line, field, problems, path, where) is not None:
-                starts.append(start)
-                ends.append(end)
-    return _JsonlFile(path, np.asarray(starts, np.int64), np.asarray(ends, np.int64), field)
+    return starts, ends
 
 
 def _jsonl_text(line: bytes, field: str, problems: _Problems, path: str, where: str):
@@ -258,23 +258,64 @@ def _short(value, limit: int = 40) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-class _RowFile:
-    """Rows of one Parquet column or ArrayRecord file, by position among the kept rows."""
+_SCANNED = {"text": (_scan_text, _ByteRangeFile), "jsonl": (_scan_jsonl, _JsonlFile)}
 
-    def __init__(self, path: str, kept: np.ndarray | None, count: int):
-        self.path, self.kept, self.count = path, kept, count  # kept=None: every row
+
+def scan_file(kind: str, field: str | None, path: str, identity: dict) -> FileIndex:
+    """Read and validate every document of one text or JSONL file: its index and its problems
+    (all counted, the first few kept). Runs in `index.file_indexes`' worker processes."""
+    problems = _Problems("record")
+    starts: list[int] = []
+    ends: list[int] = []
+    if identity["size"] == 0:
+        problems("empty_file", path, "", "empty file")
+    else:
+        with fs.open_whole(path) as data:
+            starts, ends = _SCANNED[kind][0](data, path, problems, field)
+        if not starts and not problems:
+            problems("empty_file", path, "", "no documents (only whitespace)")
+    return FileIndex(kind, field, identity, np.asarray(starts, np.int64),
+                     np.asarray(ends, np.int64), dict(problems.counts), problems.examples)
+
+
+class _RowFile:
+    """Rows of one Parquet column or ArrayRecord file, opened from the file's metadata; a record
+    is checked when read (see the module doc: "error" raises, "skip" reads it as "")."""
+
+    def __init__(self, path: str, count: int, on_bad: str):
+        self.path, self.count, self.on_bad = path, count, on_bad
         self._reader = None
         self._lock = threading.Lock()
+        self._problems = _Problems(on_bad)
 
     def __len__(self) -> int:
         return self.count
 
-    def row(self, i: int) -> int:
-        return i if self.kept is None else int(self.kept[i])
+    def _checked(self, value, where: str) -> str:
+        if value is None:
+            self._problems("not_string", self.path, where, f"column {self.field!r} is null")
+            text = None
+        elif isinstance(value, str):
+            text = value
+            if not text.strip():
+                self._problems("empty", self.path, where, "empty document (only whitespace)")
+                text = None
+        else:
+            text = _decoded(value, self._problems, self.path, where)
+        if text is None:  # only with on_bad="skip": "error" has raised
+            seen = len(self._problems)
+            if seen <= _SHOWN_PROBLEMS:  # examples[-1] is this problem's message
+                log.warning("%s: read as an empty document (on_bad='skip')%s",
+                            self._problems.examples[-1],
+                            "; further ones in this file are counted in "
+                            "Documents.read_problems(), not logged"
+                            if seen == _SHOWN_PROBLEMS else "")
+            return ""
+        return text
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state.update(_reader=None, _lock=None)
+        state.update(_reader=None, _lock=None, _problems=_Problems(self.on_bad))
         return state
 
     def __setstate__(self, state):
@@ -285,38 +326,42 @@ class _RowFile:
 class _ParquetFile(_RowFile):
     _CACHED_ROW_GROUPS = 4
 
-    def __init__(self, path: str, kept, count: int, field: str, group_starts: np.ndarray):
-        super().__init__(path, kept, count)
+    def __init__(self, path: str, count: int, on_bad: str, field: str,
+                 group_starts: np.ndarray):
+        super().__init__(path, count, on_bad)
         self.field, self.group_starts = field, group_starts
         self._groups: collections.OrderedDict[int, list] = collections.OrderedDict()
 
     def read(self, i: int) -> str:
-        row = self.row(i)
-        group = int(np.searchsorted(self.group_starts, row, side="right")) - 1
+        group = int(np.searchsorted(self.group_starts, i, side="right")) - 1
         with self._lock:
             if group not in self._groups:
-                import pyarrow.parquet as pq
                 if self._reader is None:
-                    self._reader = pq.ParquetFile(self.path)
+                    self._reader = _parquet_reader(self.path)
                 column = self._reader.read_row_group(group, columns=[self.field]).column(0)
                 self._groups[group] = column.to_pylist()
                 if len(self._groups) > self._CACHED_ROW_GROUPS:
                     self._groups.popitem(last=False)
-            value = self._groups[group][row - int(self.group_starts[group])]
-        return value if isinstance(value, str) else value.decode("utf-8")
+            value = self._groups[group][i - int(self.group_starts[group])]
+        return self._checked(value, f"row {i}")
 
     def __getstate__(self):
         return dict(super().__getstate__(), _groups=collections.OrderedDict())
 
 
-def _scan_parquet(path: str, problems: _Problems, field: str):
-    import pyarrow as pa
+def _parquet_reader(path: str):
     import pyarrow.parquet as pq
-    if os.path.getsize(path) == 0:
+    return pq.ParquetFile(fs.epath_of(path).open("rb") if fs.is_remote(path) else path)
+
+
+def _open_parquet(path: str, problems: _Problems, field: str, on_bad: str):
+    """From the footer only: row counts per row group, the column's presence and type."""
+    import pyarrow as pa
+    if fs.size(path) == 0:
         problems("empty_file", path, "", "empty file")
         return None
     try:
-        reader = pq.ParquetFile(path)
+        reader = _parquet_reader(path)
     except (pa.ArrowException, OSError) as e:
         problems("unreadable_file", path, "", f"not a Parquet file ({e})")
         return None
@@ -334,23 +379,14 @@ def _scan_parquet(path: str, problems: _Problems, field: str):
         problems("not_string", path, "", f"column {field!r} has type {kind}, not string",
                  count=rows)
         return None
-    kept, group_starts, first = [], [], 0
-    for group in range(reader.num_row_groups):
-        group_starts.append(first)
-        column = reader.read_row_group(group, columns=[field]).column(0)
-        for offset, value in enumerate(column.cast(pa.large_binary()).to_pylist()):
-            where = f"row {first + offset}"
-            if value is None:
-                problems("not_string", path, where, f"column {field!r} is null")
-            elif _decoded(value, problems, path, where) is not None:
-                kept.append(first + offset)
-        first += len(column)
-    all_kept = len(kept) == rows
-    return _ParquetFile(path, None if all_kept else np.asarray(kept, np.int64), len(kept),
-                        field, np.asarray(group_starts, np.int64))
+    sizes = [reader.metadata.row_group(g).num_rows for g in range(reader.num_row_groups)]
+    group_starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    return _ParquetFile(path, rows, on_bad, field, group_starts)
 
 
 class _ArrayRecordFile(_RowFile):
+    field = None
+
     def _source(self):
         if self._reader is None:
             from array_record.python.array_record_data_source import ArrayRecordDataSource
@@ -360,35 +396,31 @@ class _ArrayRecordFile(_RowFile):
         return self._reader
 
     def read(self, i: int) -> str:
-        return self._source()[self.row(i)].decode("utf-8")
+        return self._checked(self._source()[i], f"record {i}")
 
 
-def _scan_arrayrecord(path: str, problems: _Problems, field: str | None):
+def _open_arrayrecord(path: str, problems: _Problems, field: str | None, on_bad: str):
+    """From the file's footer only: its record count."""
     from array_record.python.array_record_data_source import ArrayRecordDataSource
+    if fs.is_remote(path):
+        raise SourceError(f"{path}: ArrayRecord files are read locally only; copy them, or "
+                          "mount the bucket (e.g. gcsfuse) and name the mounted path")
     if os.path.getsize(path) == 0:
         problems("empty_file", path, "", "empty file")
         return None
     try:
-        source = ArrayRecordDataSource([path])
-        rows = len(source)
+        rows = len(ArrayRecordDataSource([path]))
     except (RuntimeError, ValueError, OSError) as e:
         problems("unreadable_file", path, "", f"not an ArrayRecord file ({e})")
         return None
     if rows == 0:
         problems("empty_file", path, "", "no records")
         return None
-    kept, chunk = [], 1024
-    for first in range(0, rows, chunk):
-        records = source.__getitems__(list(range(first, min(first + chunk, rows))))
-        for offset, record in enumerate(records):
-            if _decoded(record, problems, path, f"record {first + offset}") is not None:
-                kept.append(first + offset)
-    return _ArrayRecordFile(path, None if len(kept) == rows else np.asarray(kept, np.int64),
-                            len(kept))
+    return _ArrayRecordFile(path, rows, on_bad)
 
 
-_SCANNERS: dict[str, Callable] = {"text": _scan_text, "jsonl": _scan_jsonl,
-                                  "parquet": _scan_parquet, "arrayrecord": _scan_arrayrecord}
+_FROM_METADATA: dict[str, Callable] = {"parquet": _open_parquet,
+                                       "arrayrecord": _open_arrayrecord}
 
 
 class Documents(Sequence[str]):
@@ -421,6 +453,14 @@ class Documents(Sequence[str]):
         f = int(np.searchsorted(self._ends, i, side="right"))
         return self.files[f].read(i - (int(self._ends[f - 1]) if f else 0))
 
+    def read_problems(self) -> dict[str, int]:
+        """Parquet/ArrayRecord records this process has read as "" (on_bad="skip"), by reason."""
+        counts: collections.Counter[str] = collections.Counter()
+        for f in self.files:
+            if isinstance(f, _RowFile):
+                counts.update(f._problems.counts)
+        return dict(sorted(counts.items()))
+
     def report(self) -> str:
         """One line: how many documents from how many files, and what was skipped and why."""
         n, files = len(self), len(self.files)
@@ -435,13 +475,23 @@ class Documents(Sequence[str]):
         return f"Documents({self.report()})"
 
 
+def default_index_dir(cache_dir: str | None = None) -> str:
+    """Where document indexes are cached unless `index_dir` says: `<t5g2 cache>/index`."""
+    return os.path.join(cache_root(cache_dir), "index")
+
+
 def open_documents(kind: str, paths: str | Sequence[str] = (), *, field: str | None = None,
-                   on_bad: str = "error", cache_dir: str | None = None) -> Documents:
-    """Open documents of `kind` (see the module doc) from local paths or globs.
+                   on_bad: str = "error", cache_dir: str | None = None,
+                   index_dir: str | None = None, index_workers: int | None = None) -> Documents:
+    """Open documents of `kind` (see the module doc) from paths, URIs or globs.
 
     field: the JSON key (jsonl) or column (parquet) holding the text; not used by other kinds.
     on_bad: "error" raises SourceError at the first bad document or file; "skip" counts it in
     `Documents.skipped` (and logs a warning). cache_dir: where the embedded corpus is cached.
+    index_dir: where text/JSONL indexes are cached (a local dir or a bucket URI; share one
+    between hosts to scan the corpus once; default `<cache_dir or t5g2's cache>/index`).
+    index_workers: processes scanning uncached files (None: one per core when they hold
+    `index.PARALLEL_FROM_BYTES` or more, else this process; 0: this process).
     """
     if kind not in KINDS:
         raise SourceError(f"kind={kind!r} is not a document source; valid: {', '.join(KINDS)}")
@@ -452,6 +502,10 @@ def open_documents(kind: str, paths: str | Sequence[str] = (), *, field: str | N
                           f"{'JSON key' if kind == 'jsonl' else 'column'} holding the text>")
     if kind not in _FIELD_KINDS and field is not None:
         raise SourceError(f"field={field!r} applies to jsonl and parquet, not kind={kind!r}")
+    if index_workers is not None and (isinstance(index_workers, bool)
+                                      or not isinstance(index_workers, int) or index_workers < 0):
+        raise SourceError(f"index_workers={index_workers!r} must be None (one per core) or an "
+                          "integer >= 0")
     if kind == "embedded":
         if paths:
             raise SourceError(f"kind='embedded' takes no paths (got {paths!r}); "
@@ -461,18 +515,28 @@ def open_documents(kind: str, paths: str | Sequence[str] = (), *, field: str | N
         files = expand_paths(paths)
 
     problems = _Problems(on_bad)
-    scan = _SCANNERS[kind]
     opened = []
-    for path in files:
-        reported = sum(problems.counts.values())
-        try:
-            file_documents = scan(path, problems, field)
-        except OSError as e:
-            raise SourceError(f"{path}: cannot read: {e}") from e
-        if file_documents is not None and len(file_documents):
-            opened.append(file_documents)
-        elif file_documents is not None and sum(problems.counts.values()) == reported:
-            problems("empty_file", path, "", "no documents (only whitespace)")
+    try:
+        if kind in _FROM_METADATA:
+            for path in files:
+                file_documents = _FROM_METADATA[kind](path, problems, field, on_bad)
+                if file_documents is not None:
+                    opened.append(file_documents)
+        else:
+            indexes = file_indexes(files, kind, field, scan_file,
+                                   index_dir=index_dir or default_index_dir(cache_dir),
+                                   workers=index_workers)
+            try:
+                for path, index in zip(files, indexes):
+                    problems.add(index.problem_counts, index.problem_examples)
+                    if len(index):
+                        opened.append(_SCANNED[kind][1](path, index.starts, index.ends,
+                                                        *([field] if kind == "jsonl" else [])))
+            finally:
+                indexes.close()  # stops the scans still pending after an error
+    except OSError as e:
+        path = getattr(e, "filename", None) or "a source file"
+        raise SourceError(f"{path}: cannot read: {e}") from e
     documents = Documents(kind, opened, dict(problems.counts), problems.examples)
     if not len(documents):
         raise SourceError(f"no documents in {', '.join(files)}: {documents.report()}")
