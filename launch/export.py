@@ -2,16 +2,17 @@
 
     python -m launch.export --workdir workdir/tiny --out /tmp/t5g2_hf [--step 300]
 
-The result loads with `transformers.T5Gemma2ForConditionalGeneration.from_pretrained(out)`
-(exporting needs transformers installed, for its config class). The run's sentencepiece model is
-written too when the run used the UL2 pipeline.
+The result loads with `transformers.T5Gemma2ForConditionalGeneration.from_pretrained(out)`;
+exporting itself needs neither torch nor transformers. Only merged-attention runs export (the
+Hugging Face T5Gemma 2 has no separate cross-attention). The run's sentencepiece model is written
+too when the run used the UL2 pipeline.
 """
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
-from launch.cli import setup_logging
+from launch import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "the training run's workdir")
 _OUT = flags.DEFINE_string("out", None, "the Hugging Face directory to write")
@@ -22,7 +23,7 @@ flags.mark_flags_as_required(["workdir", "out"])
 
 def main(argv):
     del argv
-    setup_logging()
+    cli.setup_logging()
     from t5g2.train.export import export
 
     result = export(_WORKDIR.value, _OUT.value, step=_STEP.value, overwrite=_OVERWRITE.value)
@@ -30,4 +31,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -21,10 +21,10 @@ import logging
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from launch.cli import setup_logging
+from launch import cli
 from t5g2 import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file (configs/*.py)",
@@ -35,7 +35,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    setup_logging()
+    cli.setup_logging()
     distributed.initialize()
     import jax
 
@@ -58,4 +58,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

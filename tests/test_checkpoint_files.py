@@ -1,6 +1,8 @@
 """Bad checkpoints give clear errors naming the file or tensor; nothing is silently dropped."""
 
 import json
+import os
+import stat
 
 import ml_dtypes
 import numpy as np
@@ -115,3 +117,22 @@ def test_rewriting_a_directory_leaves_no_stale_shards(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "config.json", checkpoint_files.SINGLE_FILE, "tokenizer.model"]
     assert checkpoint_files.read_state_dict(str(tmp_path)).keys() == smaller.keys()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_written_files_get_the_umasks_mode(tmp_path, umask):
+    """Every file written (shards, index, config) has the mode open() gives under the umask, as
+    save_pretrained's files do, not the 0600 of safetensors' renamed temp file."""
+    previous = os.umask(umask)
+    try:
+        files = checkpoint_files.write_checkpoint(str(tmp_path), _state_dict(), {},
+                                                  max_shard_bytes=200_000)
+        with open(tmp_path / "reference", "w"):
+            pass
+    finally:
+        os.umask(previous)
+    expected = stat.S_IMODE((tmp_path / "reference").stat().st_mode)
+    assert expected == 0o666 & ~umask
+    assert len(files) > 3
+    assert {f: oct(stat.S_IMODE((tmp_path / f).stat().st_mode)) for f in files} == {
+        f: oct(expected) for f in files}

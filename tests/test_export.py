@@ -1,19 +1,25 @@
 """Export: a trained run's checkpoint becomes a Hugging Face T5Gemma 2 directory that
 transformers loads with the same logits (float32), plus the run's sentencepiece model."""
 
+import dataclasses
 import json
+import os
+import sys
 
 import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
 
+from t5g2.configlib import ConfigError
 from t5g2.data.denoisers import mixture_from_config
 from t5g2.data.pipeline import open_vocabulary
+from t5g2.train import export as export_module
 from t5g2.train import loop
 from t5g2.train.checkpoint import CheckpointError
 from t5g2.train.config import TrainConfig
-from t5g2.train.export import export, load_run
+from t5g2.train.export import LoadedRun, export, load_run
+from tests.reference import tiny_config
 from tests.test_checkpoint import _small_config
 from tests.test_parity_hf import TOL, _inputs
 
@@ -28,8 +34,17 @@ def test_trained_run_exports_to_transformers_with_the_same_logits(tmp_path, cach
     workdir, out = tmp_path / "run", tmp_path / "hf"
     assert loop.train(config, str(workdir)).step == 3
 
-    exported = export(str(workdir), str(out))
+    with pytest.MonkeyPatch.context() as blocked:  # writing needs neither torch nor transformers
+        blocked.setitem(sys.modules, "transformers", None)
+        blocked.setitem(sys.modules, "torch", None)
+        exported = export(str(workdir), str(out))
     assert exported.step == 3
+    # Files get open()'s mode (0o666 less the umask), as save_pretrained's do, not a temp file's.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert sorted(exported.files) == sorted(p.name for p in out.iterdir())
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {
+        name: oct(0o666 & ~umask) for name in exported.files}
     run = load_run(str(workdir))
     hf = T5Gemma2ForConditionalGeneration.from_pretrained(str(out), attn_implementation="eager")
     enc, enc_mask, dec, dec_mask = _inputs(run.model_cfg)
@@ -63,3 +78,15 @@ def test_export_errors_name_the_problem(tmp_path):
     with pytest.raises(FileExistsError, match="not empty; pass --overwrite"):
         export(str(tmp_path / "nowhere"), str(tmp_path / "out"))
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_only_merged_attention_runs_export(tmp_path, monkeypatch):
+    """The Hugging Face T5Gemma 2 has merged attention only: a run with separate cross-attention
+    blocks is refused, naming the setting, before anything is written."""
+    cfg = dataclasses.replace(tiny_config(), cross_attention="separate")
+    monkeypatch.setattr(export_module, "load_run",
+                        lambda workdir, step: LoadedRun(7, {}, cfg, model=None))
+    with pytest.raises(ConfigError, match=r"step 7 has model.cross_attention='separate'; the "
+                                          r"Hugging Face T5Gemma 2 has merged attention only"):
+        export(str(tmp_path / "run"), str(tmp_path / "hf"))
+    assert not (tmp_path / "hf").exists()

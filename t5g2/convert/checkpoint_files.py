@@ -139,11 +139,16 @@ def _remove_weights(path: str) -> None:
             os.remove(os.path.join(path, name))
 
 
+class DirectoryNotEmptyError(FileExistsError):
+    """A directory to write holds files already, and replacing them was not asked for."""
+
+
 def require_empty(out: str, overwrite: bool) -> None:
     """Refuses to write into a non-empty directory unless `overwrite`: nothing is lost by
     mistake."""
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+        raise DirectoryNotEmptyError(f"{out} exists and is not empty; pass --overwrite to "
+                                     "replace it")
 
 
 def write_checkpoint(path: str, state_dict: Mapping[str, np.ndarray],
@@ -162,6 +167,8 @@ def write_checkpoint(path: str, state_dict: Mapping[str, np.ndarray],
              [SHARD_FILE.format(index=i + 1, count=len(shards)) for i in range(len(shards))])
     for name, shard in zip(names, shards):
         save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+        # safetensors writes a private temp file and renames it: give it open()'s mode instead
+        os.chmod(os.path.join(path, name), new_file_mode())
     if len(shards) > 1:
         index = {"metadata": {"total_parameters": sum(t.size for t in tensors.values()),
                               "total_size": sum(t.nbytes for t in tensors.values())},
@@ -170,6 +177,18 @@ def write_checkpoint(path: str, state_dict: Mapping[str, np.ndarray],
         names.append(INDEX_FILE)
     _write_json(os.path.join(path, "config.json"), dict(config))
     return ["config.json"] + names
+
+
+def new_file_mode() -> int:
+    """The mode `open()` gives a new file: 0o666 less the process umask (read from /proc where
+    possible, since setting the umask to read it races with other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _write_json(file: str, value: Mapping[str, Any]) -> None:

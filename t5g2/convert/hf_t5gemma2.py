@@ -53,24 +53,36 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> ModelConfig:
     return cfg
 
 
-def to_hf_config(cfg: ModelConfig, vision_config: Mapping[str, Any] | None = None):
-    """The transformers T5Gemma2Config for `cfg` (imports transformers)."""
-    from transformers import T5Gemma2Config
-
+def to_hf_config_dict(cfg: ModelConfig, vision_config: Mapping[str, Any] | None = None,
+                      dtype: str = "float32") -> dict[str, Any]:
+    """The config.json of `cfg` as a T5Gemma 2 (`save_pretrained`'s fields, the defaults left to
+    transformers), built without importing transformers."""
     _require_merged(cfg)
     shared = dict(vocab_size=cfg.vocab_size, pad_token_id=cfg.pad_id, eos_token_id=cfg.eos_id,
                   bos_token_id=cfg.bos_id, final_logit_softcapping=cfg.final_logit_softcap,
                   tie_word_embeddings=cfg.tie_embeddings)
     vision = dict(vision_config or TEXT_ONLY_VISION)
     patches = (vision["image_size"] // vision["patch_size"]) ** 2
-    encoder = dict(text_config=hf_text_from_stack(cfg.encoder, **shared), vision_config=vision,
+    encoder = dict(model_type="t5gemma2_encoder",
+                   text_config=dict(model_type="t5gemma2_text",
+                                    **hf_text_from_stack(cfg.encoder, **shared)),
+                   vision_config=dict(model_type="siglip_vision_model", **vision),
                    mm_tokens_per_image=patches if vision_config is None else 256,
                    eoi_token_index=cfg.eoi_token_id, image_token_index=cfg.image_token_id,
                    tie_word_embeddings=cfg.tie_embeddings)
-    return T5Gemma2Config(encoder=encoder, decoder=hf_text_from_stack(cfg.decoder, **shared),
-                          tie_word_embeddings=cfg.tie_embeddings,
-                          eoi_token_index=cfg.eoi_token_id,
-                          image_token_index=cfg.image_token_id)
+    return dict(model_type="t5gemma2", architectures=["T5Gemma2ForConditionalGeneration"],
+                dtype=dtype, encoder=encoder,
+                decoder=dict(model_type="t5gemma2_decoder",
+                             **hf_text_from_stack(cfg.decoder, **shared)),
+                tie_word_embeddings=cfg.tie_embeddings, eoi_token_index=cfg.eoi_token_id,
+                image_token_index=cfg.image_token_id)
+
+
+def to_hf_config(cfg: ModelConfig, vision_config: Mapping[str, Any] | None = None):
+    """The transformers T5Gemma2Config for `cfg` (imports transformers)."""
+    from transformers import T5Gemma2Config
+
+    return T5Gemma2Config.from_dict(to_hf_config_dict(cfg, vision_config))
 
 
 def _require_merged(cfg: ModelConfig) -> None:

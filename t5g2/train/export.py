@@ -2,12 +2,14 @@
 
 Reads only the parameters of one step (not the optimizer state) onto one device, converts them
 with t5g2.convert.hf_t5gemma2 and writes config.json + model.safetensors, which
-`transformers.T5Gemma2ForConditionalGeneration.from_pretrained` loads. When the run trained on
-the UL2 pipeline its sentencepiece model is known and is written too, as `tokenizer.model`, with
-`t5g2_vocabulary.json` listing the special, sentinel and mode-token ids the model was trained
-with. No transformers tokenizer config is written: transformers' T5Tokenizer, rebuilt from a
-sentencepiece file, does not reproduce sentencepiece's ids (measured: different ids and an EOS of
-its own), so `sentencepiece.SentencePieceProcessor(model_file=...)` is the way to read it.
+`transformers.T5Gemma2ForConditionalGeneration.from_pretrained` loads; writing needs neither
+torch nor transformers. Only merged-attention runs export: the Hugging Face T5Gemma 2 has no
+separate cross-attention blocks. When the run trained on the UL2 pipeline its sentencepiece model
+is known and is written too, as `tokenizer.model`, with `t5g2_vocabulary.json` listing the
+special, sentinel and mode-token ids the model was trained with. No transformers tokenizer config
+is written: transformers' T5Tokenizer, rebuilt from a sentencepiece file, does not reproduce
+sentencepiece's ids (measured: different ids and an EOS of its own), so
+`sentencepiece.SentencePieceProcessor(model_file=...)` is the way to read it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from t5g2 import sharding
+from t5g2.configlib import ConfigError
 from t5g2.convert import checkpoint_files, hf_t5gemma2
 from t5g2.model import ModelConfig
 from t5g2.model.params import flat_params
@@ -84,8 +87,13 @@ def export(workdir: str, out: str, *, step: int | None = None, overwrite: bool =
     """Writes step `step` (default: the latest) of `workdir`'s checkpoints to `out`."""
     checkpoint_files.require_empty(out, overwrite)
     run = load_run(workdir, step)
+    if run.model_cfg.cross_attention != "merged":
+        raise ConfigError(f"{workdir} step {run.step} has model.cross_attention="
+                          f"{run.model_cfg.cross_attention!r}; the Hugging Face T5Gemma 2 has "
+                          "merged attention only, so only merged-attention runs export")
     state_dict = hf_t5gemma2.to_hf_state_dict(flat_params(run.model), run.model_cfg)
-    hf_config = hf_t5gemma2.to_hf_config(run.model_cfg).to_dict()
+    dtype = next(iter(state_dict.values())).dtype.name  # one param_dtype for every tensor
+    hf_config = hf_t5gemma2.to_hf_config_dict(run.model_cfg, dtype=dtype)
     os.makedirs(out, exist_ok=True)
     files = checkpoint_files.write_checkpoint(out, state_dict, hf_config)
     files += _write_tokenizer(run.config, out)
