@@ -15,8 +15,9 @@ What is measured, per side:
   `lower(...).compile()` of the step, reported separately;
 * the first step's loss on both sides (same weights, same batch: equal up to float32 noise), so
   the model's compute dtype is forced to float32 unless `--keep_dtype`;
-* model FLOPs from `t5g2.model.flops.train_flops` (useful: visible query/key pairs only, the MFU
-  convention; dense: every pair, what the reference computes), MFU against a
+* model FLOPs of the batch's real tokens from `t5g2.model.flops.batch_train_flops`, as the
+  training loop counts them (useful: visible query/key pairs only, the MFU convention; dense:
+  every pair, what the reference computes), MFU against a
   float32 square matmul measured on the spot by each framework (`measure_matmul_peak`'s method,
   the same loop in torch), before and after each run, the larger used: a measurement can only
   come out too low, e.g. when something else runs on the machine (the load average is reported
@@ -58,7 +59,7 @@ from flax import nnx  # noqa: E402
 from benchmarks import machine  # noqa: E402
 from t5g2 import sharding  # noqa: E402
 from t5g2.model import ModelConfig  # noqa: E402
-from t5g2.model.flops import train_flops  # noqa: E402
+from t5g2.model.flops import batch_train_flops  # noqa: E402
 from t5g2.model.params import count_params, flat_params  # noqa: E402
 from t5g2.train.config import TrainConfig  # noqa: E402
 from t5g2.train.optimizer import make_optimizer  # noqa: E402
@@ -233,11 +234,11 @@ def best_peak(measure: Callable[[], float], before: float) -> tuple[float, dict[
                                     after_flops_per_s=round(after, 1))
 
 
-def step_flops(cfg: ModelConfig, batch: int, encoder_length: int,
-               decoder_length: int) -> dict[str, float]:
-    return dict(useful=batch * train_flops(cfg, encoder_length, decoder_length),
-                dense=batch * train_flops(cfg, encoder_length, decoder_length,
-                                          useful_only=False))
+def step_flops(cfg: ModelConfig, batch: dict[str, np.ndarray]) -> dict[str, float]:
+    """Model FLOPs of one step on `batch`, over its real tokens (padding is not work), as the
+    training loop counts them for MFU."""
+    return dict(useful=batch_train_flops(cfg, batch),
+                dense=batch_train_flops(cfg, batch, useful_only=False))
 
 
 # --------------------------------------------------------------------------- t5g2
@@ -451,7 +452,7 @@ def run(config: ml_collections.ConfigDict, *, batch: int = 8, encoder_length: in
     cfg = model_config(config, keep_dtype)
     train_cfg = train_config(config, batch, encoder_length, decoder_length, steps)
     data = make_batch(cfg, batch, encoder_length, decoder_length, seed)
-    flops = step_flops(cfg, batch, encoder_length, decoder_length)
+    flops = step_flops(cfg, data)
     out: dict[str, Any] = dict(
         config=config.get("name", "?"), model=summary(cfg),
         dtype_forced_to_float32=not keep_dtype,
@@ -463,9 +464,10 @@ def run(config: ml_collections.ConfigDict, *, batch: int = 8, encoder_length: in
                    b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps),
         environment=environment(),
         model_flops_per_step=flops["useful"], dense_flops_per_step=flops["dense"],
-        flops_note=("t5g2.model.flops.train_flops x batch: useful = visible query/key pairs only "
-                    "(MFU convention), dense = every pair, as the reference computes (t5g2's "
-                    "banded local attention skips keys outside the window)"),
+        flops_note=("t5g2.model.flops.batch_train_flops of the batch (real tokens only, as the "
+                    "training loop counts MFU; this batch has no padding): useful = visible "
+                    "query/key pairs only (MFU convention), dense = every pair, as the reference "
+                    "computes (t5g2's banded local attention skips keys outside the window)"),
         matmul_peak=dict(size=peak_size, dtype="float32",
                          method="best of 10 square size x size matmuls after a warm-up "
                                 "(t5g2.train.peak.measure_matmul_peak; the same loop in torch), "

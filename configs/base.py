@@ -36,12 +36,15 @@ def model(encoder, *, vocab_size=262_144, decoder=None):
 
 def train(*, batch_size, encoder_length, decoder_length, steps, learning_rate=1e-4,
           grad_accum_steps=1, log_every=10):
-    """AdamW, 100 warmup steps then cosine decay, global-norm clipping 1.0 (the paper's)."""
+    """AdamW, 100 warmup steps then cosine decay, global-norm clipping 1.0 (the paper's).
+    on_nonfinite: a step with a non-finite loss, gradient or update "stop"s the run (nothing
+    non-finite is saved) or is "skip"ped (its update dropped; `max_skipped` in a row stop it)."""
     return ml_collections.ConfigDict(dict(
         batch_size=batch_size, encoder_length=encoder_length, decoder_length=decoder_length,
         steps=steps, learning_rate=learning_rate, warmup_steps=100, min_learning_rate_ratio=0.1,
         weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, grad_clip_norm=1.0, z_loss=1e-4,
         grad_accum_steps=grad_accum_steps, loss_chunk=0, log_every=log_every,
+        on_nonfinite="stop", max_skipped=10,
     ))
 
 
@@ -108,7 +111,8 @@ def config(model_cfg, train_cfg, mesh_cfg, *, name):
 
 
 def adaptation_16k(model_cfg, *, name, batch_size=8):
-    """16K-token adaptation on one 8-chip host (v5p-8, 8xH100): FSDP over every device."""
+    """16K-token adaptation, FSDP over every device, sized for 8 devices (8xH100, v5p-16); a
+    v5p-8 is 4 devices: 270M and 1B fit, 4B does not (launch.aot --topology v5p-8)."""
     model_cfg.remat = "full"
     model_cfg.attention_query_chunk = 1024
     train_cfg = train(batch_size=batch_size, encoder_length=16_384, decoder_length=16_384,

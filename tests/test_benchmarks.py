@@ -6,6 +6,7 @@ import os
 
 from configs import tiny
 from benchmarks import train_step
+from t5g2.model.flops import train_flops
 
 STEP_KEYS = {"step_s_median", "tokens_per_s", "target_tokens_per_s", "model_flops_per_s",
              "dense_flops_per_s", "mfu", "mfu_dense", "first_step_loss", "peak_rss_delta_mib",
@@ -25,6 +26,10 @@ def test_train_step_benchmark_runs_and_reports():
     assert out["model"]["encoder"]["num_layers"] == 2
     assert out["tokens_per_step"] == 2 * (16 + 8)
     assert 0 < out["model_flops_per_step"] <= out["dense_flops_per_step"]
+    # The batch's real tokens, as the training loop counts: its rows are full, so 2 examples.
+    cfg = train_step.model_config(config)
+    assert out["model_flops_per_step"] == 2 * train_flops(cfg, 16, 8)
+    assert out["dense_flops_per_step"] == 2 * train_flops(cfg, 16, 8, useful_only=False)
     assert {"jax_flops_per_s", "torch_flops_per_s", "size"} <= set(out["matmul_peak"])
     assert STEP_KEYS | {"compile_s", "xla_buffers_mib"} <= set(out["t5g2"])
     assert STEP_KEYS <= set(out["hf"]["sdpa"])
@@ -69,7 +74,7 @@ def test_data_pipeline_benchmark_reports_both_pipelines(capsys, cache_dir):
                                  "2", "--batches", "2", "--warmup", "1", "--vocab_size", "512",
                                  "--cache_dir", cache_dir])
     assert json.loads(capsys.readouterr().out) == result  # one JSON object on stdout
-    for side in ("t5g2_grain", "seqio_tensorflow"):
+    for side in ("t5g2_grain", "seqio_tensorflow", "t5_span_corruption_tf"):
         assert result[side]["first_batch_s"] > 0
         for window in ("steady", "whole_run"):
             rates = result[side][window]
@@ -82,10 +87,75 @@ def test_data_pipeline_benchmark_reports_both_pipelines(capsys, cache_dir):
     assert 0 < result["cores_needed"] < math.inf
     assert result["cores_needed"] == round(300_000 / steady["real_tokens_per_cpu_s"], 2)
     assert set(result["ratios_t5g2_over_seqio"]) == {"whole_run", "steady"}
+    assert set(result["ratios_t5g2_over_t5_span_corruption"]) == {"whole_run", "steady"}
+    # T5's arithmetic sizes the chunk so its corrupted inputs (EOS included) fill the encoder
+    assert result["t5_span_corruption_tf"]["steady"]["encoder_fill"] == 1.0
     assert result["seqio_packing"]["examples_before_first_batch"] == 64
     assert result["environment"]["cpu_count"] >= 1
     assert set(result["environment"]["versions"]) >= {"grain", "seqio", "tensorflow",
                                                       "sentencepiece"}
+
+
+def test_t5_span_corruption_baseline_follows_t5s_arithmetic():
+    """The TF-op span corruption of the T5 baseline on known tokens: T5's counts (round(L*.15)
+    noise tokens clamped to [1, L-1] in round(noise/3) spans, non-noise first), sentinels in
+    order, EOS last, and inputs + targets put back together give the chunk back."""
+    import numpy as np
+    import seqio
+    import tensorflow as tf
+
+    from benchmarks import data_pipeline
+
+    sentinel_ids = np.arange(999, 949, -1, dtype=np.int32)
+    corrupt = data_pipeline.t5_span_corruption_map(sentinel_ids=sentinel_ids, eos_id=1)
+    for length in (2, 5, 37, 100, 571):
+        chunk = np.arange(100, 100 + length, dtype=np.int32)
+        with seqio.utils.map_seed_manager(length):
+            ds = corrupt(tf.data.Dataset.from_tensors({"targets": chunk}).repeat(3))
+        examples = list(ds.as_numpy_iterator())
+        noise = min(max(round(length * 0.15), 1), length - 1)
+        spans = max(round(noise / 3), 1)
+        for example in examples:
+            inputs, targets = example["inputs"].tolist(), example["targets"].tolist()
+            assert inputs[-1] == targets[-1] == 1
+            inputs, targets = inputs[:-1], targets[:-1]
+            in_sentinels = [t for t in inputs if t in sentinel_ids]
+            assert in_sentinels == sentinel_ids[:spans].tolist()
+            assert len(inputs) == length - noise + spans
+            assert inputs[0] == chunk[0] and targets[0] == sentinel_ids[0]  # non-noise first
+            noise_spans, current = {}, None
+            for t in targets:
+                if t in sentinel_ids:
+                    current = int(np.flatnonzero(sentinel_ids == t)[0])
+                    noise_spans[current] = []
+                else:
+                    noise_spans[current].append(t)
+            assert sum(map(len, noise_spans.values())) == noise
+            rebuilt = []
+            for t in inputs:
+                rebuilt += noise_spans[int(np.flatnonzero(sentinel_ids == t)[0])] \
+                    if t in sentinel_ids else [t]
+            assert rebuilt == chunk.tolist()
+        if length > 30:  # each example gets its own noise
+            assert len({tuple(e["inputs"]) for e in examples}) == 3
+
+
+def test_data_pipeline_index_benchmark_reports_cold_and_warm(capsys, cache_dir, tmp_path):
+    """`--index` at a trivial size: every run opens the same documents, the warm ones from the
+    cache (one index per shard), and the generated corpus is deleted."""
+    from benchmarks import data_pipeline
+
+    result = data_pipeline.main(["--index", "--index_corpus_mb", "1", "--index_shards", "2",
+                                 "--index_tmp", str(tmp_path), "--encoder_length", "64",
+                                 "--decoder_length", "64", "--batch", "2", "--vocab_size",
+                                 "512", "--cache_dir", cache_dir])
+    assert json.loads(capsys.readouterr().out) == result
+    runs = ("cold_one_process", "cold_parallel", "warm", "warm_again")
+    assert {result[r]["documents"] for r in runs} == {result["corpus"]["documents"]}
+    assert result["corpus"]["bytes"] >= 2**20 and result["corpus"]["shards"] == 2
+    assert all(result[r]["first_batch_s"] >= result[r]["open_documents_s"] > 0 for r in runs)
+    assert result["warm"]["index_cached"] and result["index"]["files"] == 2
+    assert result["corpus_deleted"] and os.listdir(tmp_path) == []
 
 
 def test_checkpoint_benchmark_reports_both_sides(tmp_path):

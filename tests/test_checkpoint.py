@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import signal
@@ -24,12 +25,13 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from configs import tiny
+from t5g2 import sharding
 from t5g2.configlib import ConfigError
 from t5g2.train import loop
 from t5g2.train.checkpoint import Checkpointer, CheckpointError, interrupted_saves
 from t5g2.train.preemption import PREEMPTED_EXIT_CODE
 from t5g2.train.state import TrainState
-from tests.test_multihost import REPO, _env
+from tests.test_multihost import REPO, _env, signal_when_the_device_finishes
 
 STEPS = 8
 RUN_FLAGS = (
@@ -357,3 +359,196 @@ def test_restoring_an_earlier_step_continues_from_it_and_sets_the_later_ones_asi
     assert logged == [1, 2, 3, 4]  # the old line's 3 and 4 were dropped
     config.checkpoint.restore_step = None
     assert loop.train(config, str(tmp_path)).checkpoint == branch.checkpoint  # the new line
+
+
+# ------------------------------------------------------------------ another number of processes
+
+def test_a_checkpoint_of_another_process_count_restores_and_is_never_corruption(tmp_path):
+    ckpt = Checkpointer(str(tmp_path), every=1, keep=5, async_save=False)
+    for step in (1, 2):
+        ckpt.save(step, _toy(step)[0], {"position": step}, CONFIG)
+    data = tmp_path / "checkpoints" / "2" / "data"  # step 2 as 2 processes would have saved it
+    (data / "process_0-of-1.json").rename(data / "process_0-of-2.json")
+    (data / "process_1-of-2.json").write_text(json.dumps({"position": 20}))
+    before = sorted(os.listdir(tmp_path / "checkpoints"))
+    _, shardings, abstract = _toy()
+    for fallback in (False, True):
+        restored = ckpt.resume(abstract, shardings, fallback=fallback)
+        assert restored.step == 2 and restored.data is None and restored.data_process_count == 2
+        assert restored.all_data == [{"position": 2}, {"position": 20}]
+        np.testing.assert_array_equal(restored.state.params["w"], _toy(2)[0].params["w"])
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == before == ["1", "2"]
+    same_count = ckpt.resume(abstract, shardings, step=1)  # saved by this one process
+    assert same_count.data == {"position": 1} and same_count.all_data is None
+    (data / "process_1-of-2.json").unlink()  # a file missing from the set of 2 is damage
+    with pytest.raises(CheckpointError, match=r"2 is unreadable .*positions of 2 processes are "
+                                              r"process_0-of-2.json \.\.\. process_1-of-2.json; "
+                                              r"found \['process_0-of-2.json'\].*restore_step=1"):
+        ckpt.resume(abstract, shardings)
+
+
+def test_a_data_position_of_another_process_count_continues_the_global_batches():
+    """The loop hands every saving process's position to the source (here 2 -> 1 process)."""
+    from t5g2.data.synthetic import SyntheticCopySource
+    from t5g2.train.checkpoint import Restored
+
+    def copy_source(index, count):
+        return SyntheticCopySource(global_batch_size=4, encoder_length=8, decoder_length=4,
+                                   vocab_size=64, seed=3, process_index=index,
+                                   process_count=count)
+
+    config = _small_config(4)
+    saving = [copy_source(p, 2) for p in range(2)]
+    for src in saving:
+        next(src), next(src)
+
+    def restored(states):
+        return Restored(step=2, state=None, data=None, config={"data": {"source": "synthetic"}},
+                        path="ckpt/2", data_process_count=2, all_data=states)
+
+    one = copy_source(0, 1)
+    loop._restore_data_position(one, restored([s.get_state() for s in saving]), config)
+    expected = [next(s) for s in saving]
+    for key, value in next(one).items():
+        np.testing.assert_array_equal(value, np.concatenate([b[key] for b in expected]))
+    with pytest.raises(ConfigError, match=r"ckpt/2: .* positions disagree: steps \[2, 3\]"):
+        loop._restore_data_position(copy_source(0, 1), restored([{"step": 2}, {"step": 3}]),
+                                    config)
+
+
+# ------------------------------------------------------------------ divergence and signal lag
+
+DIVERGING_LR = 1e10  # from a good checkpoint, the first update at it makes the next loss NaN
+
+
+def _logged(workdir: Path) -> dict[int, dict]:
+    return {m["step"]: m for m in map(json.loads,
+                                      (workdir / "metrics.jsonl").read_text().splitlines())}
+
+
+def _saved_fingerprints(workdir: Path, step: int) -> dict[str, int]:
+    """What the checkpointer recorded for each array of a step (equal iff the arrays are)."""
+    return json.loads((workdir / "checkpoints" / str(step) / "meta" / "metadata").read_text()
+                      )["fingerprints"]
+
+
+def test_a_diverging_run_stops_saves_nothing_and_its_last_good_checkpoint_resumes(tmp_path):
+    from t5g2.train.divergence import DivergenceError
+
+    workdir, reference = tmp_path / "run", tmp_path / "reference"
+    loop.train(_small_config(2), str(workdir))  # the good checkpoint: step 2
+    before = _snapshot(workdir / "checkpoints" / "2")
+    diverging = _small_config(8)
+    diverging.train.learning_rate = DIVERGING_LR
+    # keep=1: saving any later step would delete step 2 (what a NaN save at step 8 used to do)
+    diverging.checkpoint.keep = 1
+    with pytest.raises(DivergenceError) as error:
+        loop.train(diverging, str(workdir))
+    logged = _logged(workdir)
+    bad = min(s for s, m in logged.items()
+              if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])))
+    assert bad == max(logged) >= 3  # it stopped at the first non-finite step, and logged it
+    assert str(error.value).startswith(f"training diverged: step {bad} is not finite (loss=")
+    assert f"the last good checkpoint is {workdir / 'checkpoints' / '2'} " in str(error.value)
+    assert os.listdir(workdir / "checkpoints") == ["2"]
+    assert _snapshot(workdir / "checkpoints" / "2") == before  # intact, byte for byte
+
+    resumed = loop.train(_small_config(4), str(workdir))  # the same command, the old rate
+    loop.train(_small_config(4), str(reference))
+    assert resumed.step == 4
+    assert {s: m["loss"] for s, m in _logged(workdir).items()} == \
+        {s: m["loss"] for s, m in _logged(reference).items()}  # bitwise: steps 1-4
+
+
+def test_skipping_keeps_the_state_and_stops_after_max_skipped_in_a_row(tmp_path):
+    from t5g2.train.divergence import DivergenceError
+
+    loop.train(_small_config(2), str(tmp_path))
+    diverging = _small_config(12)
+    diverging.train.update(learning_rate=DIVERGING_LR, on_nonfinite="skip", max_skipped=3)
+    diverging.checkpoint.update(every=1, keep=20)
+    with pytest.raises(DivergenceError, match=r"training diverged: steps (\d+)-(\d+) were not "
+                                              r"finite, train.max_skipped=3 in a row") as error:
+        loop.train(diverging, str(tmp_path))
+    logged = _logged(tmp_path)
+    first, last = (int(s) for s in error.value.args[0].split("steps ")[1].split()[0].split("-"))
+    assert last == first + 2 == max(logged) and first >= 4
+    assert [logged[s]["skipped_steps"] for s in range(3, last + 1)] == \
+        [0.0] * (first - 3) + [1.0] * 3
+    assert not np.isfinite(logged[first]["loss"] + logged[first]["grad_norm"])
+    # a skipped step changes nothing: parameters, moments and the optimizer's count (so the
+    # learning rate, still in warmup here, stays where it was)
+    saved = sorted(int(n) for n in os.listdir(tmp_path / "checkpoints"))
+    assert saved == list(range(2, last))  # the step that ended the run is not saved
+    for step in range(first, last):
+        assert _saved_fingerprints(tmp_path, step) == _saved_fingerprints(tmp_path, first - 1)
+    assert _saved_fingerprints(tmp_path, first - 1) != _saved_fingerprints(tmp_path, first - 2)
+    rates = [logged[s]["learning_rate"] for s in range(first, last + 1)]
+    assert rates == [rates[0]] * 3 and rates[0] > logged[first - 1]["learning_rate"]
+
+
+def test_resuming_with_another_schedule_warns_with_both_learning_rates(tmp_path, caplog):
+    config = _small_config(2)
+    config.train.warmup_steps = 1
+    loop.train(config, str(tmp_path))
+    config.train.steps = 4
+    config.checkpoint.every = 1
+    with caplog.at_level(logging.WARNING, logger="t5g2.train.loop"):
+        loop.train(config, str(tmp_path))  # saves steps 3 and 4 under the new schedule
+    peak, floor = config.train.learning_rate, config.train.learning_rate * 0.1
+    # cosine from peak at step 1 to floor at train.steps; the next update is the 3rd (count 2)
+    before = floor  # steps=2: decayed fully by count 2
+    now = floor + (peak - floor) * 0.5 * (1 + np.cos(np.pi * (2 - 1) / (4 - 1)))
+    warnings = [r.getMessage() for r in caplog.records if "schedule differs" in r.getMessage()]
+    assert len(warnings) == 1, caplog.text
+    assert "train.steps 2 -> 4;" in warnings[0] and "train.learning_rate" not in warnings[0]
+    assert f"uses learning rate {now:.4g}, {before:.4g} under the checkpoint's" in warnings[0]
+    caplog.clear()
+    config.checkpoint.restore_step = 3  # saved with steps=4: the same schedule, nothing to say
+    with caplog.at_level(logging.WARNING, logger="t5g2.train.loop"):
+        assert loop.train(config, str(tmp_path)).step == 4
+    assert not [r for r in caplog.records if "schedule differs" in r.getMessage()], caplog.text
+
+
+def _on_one_device(monkeypatch) -> None:
+    """The loop's mesh on one CPU device: XLA:CPU runs a computation over several devices in
+    step with its caller, so only there does Python get ahead of the device as it does on
+    accelerators (where the lag this measures was seen: 24 steps with log_every=25)."""
+    make_mesh = sharding.make_mesh
+    monkeypatch.setattr(sharding, "make_mesh",
+                        lambda cfg, devices=None: make_mesh(cfg, jax.devices()[:1]))
+
+
+def test_sigterm_stops_within_a_step_of_the_one_running_whatever_log_every(tmp_path,
+                                                                           monkeypatch):
+    """The device has just finished step 5 when SIGTERM arrives: the run saves and stops at most
+    two steps later (the step then queued, or the one after if the loop was past its check), not
+    at the next logged step (log_every=100 here; Python used to run that far ahead)."""
+    _on_one_device(monkeypatch)
+    monkeypatch.setattr(loop, "make_train_step", signal_when_the_device_finishes(
+        loop.make_train_step, signal.SIGTERM, at_step=5))
+    config = _small_config(200)
+    config.train.log_every = 100
+    config.train.encoder_length = config.train.decoder_length = 64  # a device step > a loop turn
+    config.checkpoint.every = 1000
+    result = loop.train(config, str(tmp_path))
+    assert result.preempted and 5 <= result.step <= 7, result.step
+    assert os.listdir(tmp_path / "checkpoints") == [str(result.step)]
+    assert sorted(_logged(tmp_path)) == [1, result.step]  # the first step and the last
+
+
+def test_sigusr1_saves_within_a_few_steps_whatever_log_every(tmp_path, monkeypatch):
+    """SIGUSR1 once the device finished step 5: the request rides in the next batch fed (step 6
+    or 7, or 8 if the loop was past its check) and is read back from that step's metrics once the
+    next step is queued: the save is at most four steps later, not at a logged step (log_every
+    is 100); training goes on."""
+    _on_one_device(monkeypatch)
+    monkeypatch.setattr(loop, "make_train_step", signal_when_the_device_finishes(
+        loop.make_train_step, signal.SIGUSR1, at_step=5))
+    config = _small_config(20)
+    config.train.log_every = 100
+    config.train.encoder_length = config.train.decoder_length = 64  # a device step > a loop turn
+    config.checkpoint.every = 1000
+    loop.train(config, str(tmp_path))
+    saved = sorted(int(n) for n in os.listdir(tmp_path / "checkpoints"))
+    assert len(saved) == 2 and 5 <= saved[0] <= 9 and saved[1] == 20, saved

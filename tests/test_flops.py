@@ -10,9 +10,13 @@
    times its trip count (12 layers count as 6), so these configs have exactly one scanned period.
 3. By hand, and against the model's own `MaskSpec`, for the visible (query, key) pairs of the
    useful-only count: window clipping at the edges, causality.
+4. Packed and padded batches (the MFU numerator): exactly their segments counted one by one, and
+   the pairs the masks allow on the packed rows; full rows as before. The training loop's MFU
+   over the batches it really trained on, and StepTimer's per-step, all-process accounting.
 """
 
 import importlib
+import json
 import math
 
 import jax
@@ -24,8 +28,10 @@ from jax.extend import core as jcore
 
 from t5g2.model import ModelConfig, T5Gemma2, attention
 from t5g2.model.attention import MaskSpec, decoder_window, encoder_window
-from t5g2.model.flops import (decoder_self_pairs, encoder_pairs, forward_flops, train_flops,
+from t5g2.model.flops import (batch_forward_flops, batch_train_flops, decoder_self_pairs,
+                              encoder_pairs, forward_flops, segment_lengths, train_flops,
                               window_pairs)
+from t5g2.train.metrics import StepTimer, sum_over_processes
 from tests.reference import tiny_config
 
 MODES = ("merged", "separate", "global_only")
@@ -175,3 +181,248 @@ def test_270m_long_context():
     assert useful["total"] == sum(v for k, v in useful.items() if k != "total")
     assert train_flops(cfg, 16384, 16384) == 3 * useful["total"]
     assert train_flops(cfg, 16384, 16384, useful_only=False) == 3 * dense["total"]
+
+
+# ------------------------------------------------------------------ packed and padded batches
+
+ENC_LEN, DEC_LEN = 24, 20
+# Per row: (leading padding encoder, decoder), then its segments (encoder, decoder tokens), ids
+# 1, 2, ... in order; the rest of the row is padding. Segments longer than the window (4), a
+# decoder-only and an encoder-only segment, left padding, an all-padding row, a full row.
+ROWS = [
+    ((0, 0), [(5, 3), (11, 9), (2, 1)]),
+    ((2, 1), [(13, 7), (0, 4), (6, 0)]),
+    ((0, 0), []),
+    ((0, 0), [(ENC_LEN, DEC_LEN)]),
+]
+SEGMENTS = [seg for _, segs in ROWS for seg in segs]
+
+
+def _side(lead: int, lengths: list[int], total: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = [0] * lead + [i + 1 for i, n in enumerate(lengths) for _ in range(n)]
+    pos = [0] * lead + [p for n in lengths for p in range(n)]
+    pad = total - len(ids)
+    assert pad >= 0
+    return np.array(ids + [0] * pad, np.int32), np.array(pos + [0] * pad, np.int32)
+
+
+def _packed_batch(rows=ROWS) -> dict[str, np.ndarray]:
+    """Segment ids and positions of the batch contract for `rows`, built by hand."""
+    out = {k: [] for k in ("encoder_segment_ids", "encoder_positions", "decoder_segment_ids",
+                           "decoder_positions")}
+    for (lead_enc, lead_dec), segs in rows:
+        for side, lead, lengths, total in (("encoder", lead_enc, [s for s, _ in segs], ENC_LEN),
+                                           ("decoder", lead_dec, [t for _, t in segs], DEC_LEN)):
+            ids, pos = _side(lead, lengths, total)
+            out[f"{side}_segment_ids"].append(ids)
+            out[f"{side}_positions"].append(pos)
+    return {k: np.stack(v) for k, v in out.items()}
+
+
+def _packed_config(cross_attention):
+    # 7 layers: local x5, global, local; window 4 < every long segment.
+    return tiny_config(cross_attention=cross_attention, num_layers=7, sliding_window=4)
+
+
+def test_segment_lengths_of_a_packed_batch():
+    batch = _packed_batch()
+    enc, dec = segment_lengths(batch)
+    assert sorted(zip(enc.tolist(), dec.tolist())) == sorted(SEGMENTS)
+    # Any ids name segments, not only 1, 2, ...: the same segments.
+    sparse = {k: v * 1000 + 7 * (v > 0) if k.endswith("segment_ids") else v
+              for k, v in batch.items()}
+    enc, dec = segment_lengths(sparse)
+    assert sorted(zip(enc.tolist(), dec.tolist())) == sorted(SEGMENTS)
+
+
+@pytest.mark.parametrize("useful_only", [True, False])
+@pytest.mark.parametrize("cross_attention", MODES)
+def test_packed_batch_is_the_sum_of_its_segments(cross_attention, useful_only):
+    cfg = _packed_config(cross_attention)
+    batch = _packed_batch()
+    # The reference: each segment alone, one by one, as one full example.
+    expected = sum(train_flops(cfg, s, t, useful_only=useful_only) for s, t in SEGMENTS)
+    assert batch_train_flops(cfg, batch, useful_only=useful_only) == expected
+    padded = len(ROWS) * train_flops(cfg, ENC_LEN, DEC_LEN, useful_only=useful_only)
+    assert expected < 0.75 * padded  # the batch is a quarter padding: the counts differ
+
+
+@pytest.mark.parametrize("cross_attention", MODES)
+def test_packed_batch_pairs_match_the_model_masks(cross_attention):
+    """Attention parts against the pairs the model's own masks allow on the packed rows (per
+    segment, windowed, causal, cross attention within a segment); matmul parts against the
+    number of real tokens."""
+    cfg = _packed_config(cross_attention)
+    enc, dec = cfg.encoder, cfg.decoder
+    b = _packed_batch()
+    got = batch_forward_flops(cfg, b)
+
+    def visible(q, k, causal=False, window=None):
+        spec = MaskSpec(jnp.asarray(b[f"{q}_positions"]), jnp.asarray(b[f"{q}_segment_ids"]),
+                        jnp.asarray(b[f"{k}_positions"]), jnp.asarray(b[f"{k}_segment_ids"]),
+                        causal=causal, window=window)
+        return int(spec.dense().sum())
+
+    def per_pair(s):
+        return 2 * 2 * s.num_heads * s.head_dim
+
+    enc_pairs = sum(visible("encoder", "encoder", window=None if enc.is_global(i) else
+                            encoder_window(enc.sliding_window)) for i in range(enc.num_layers))
+    dec_pairs = sum(visible("decoder", "decoder", causal=True, window=None if dec.is_global(i)
+                            else decoder_window(dec.sliding_window))
+                    for i in range(dec.num_layers))
+    cross_layers = (dec.num_layers if cross_attention == "merged"
+                    else sum(cfg.decoder_has_cross))
+    assert got["encoder_attention"] == per_pair(enc) * enc_pairs
+    assert got["decoder_self_attention"] == per_pair(dec) * dec_pairs
+    assert got["decoder_cross_attention"] == (per_pair(dec) * cross_layers
+                                              * visible("decoder", "encoder"))
+    # Matmuls are per token: a one-token example's count times the real tokens.
+    s_tokens = int((b["encoder_segment_ids"] > 0).sum())
+    t_tokens = int((b["decoder_segment_ids"] > 0).sum())
+    one_enc, one_dec = forward_flops(cfg, 1, 0), forward_flops(cfg, 0, 1)
+    assert got["encoder_matmuls"] == s_tokens * one_enc["encoder_matmuls"]
+    assert got["decoder_matmuls"] == t_tokens * one_dec["decoder_matmuls"]
+    assert got["lm_head"] == t_tokens * one_dec["lm_head"]
+    assert got["decoder_cross_matmuls"] == (s_tokens * one_enc["decoder_cross_matmuls"]
+                                            + t_tokens * one_dec["decoder_cross_matmuls"])
+    assert got["total"] == sum(v for k, v in got.items() if k != "total")
+
+
+@pytest.mark.parametrize("useful_only", [True, False])
+def test_full_unpacked_rows_count_as_before(useful_only):
+    cfg = _packed_config("merged")
+    rows = 3
+    full = {f"{side}_segment_ids": np.ones((rows, n), np.int32)
+            for side, n in (("encoder", ENC_LEN), ("decoder", DEC_LEN))}
+    # The count before packing was taken into account: every row a full-length example.
+    old = rows * train_flops(cfg, ENC_LEN, DEC_LEN, useful_only=useful_only)
+    assert batch_train_flops(cfg, full, useful_only=useful_only) == old
+    padding_only = {k: np.zeros_like(v) for k, v in full.items()}
+    assert batch_train_flops(cfg, padding_only, useful_only=useful_only) == 0
+
+
+def test_batches_from_the_packer_and_the_padder():
+    """The pipeline's own layouts (grain's first-fit packer, one padded example per row) count
+    exactly their examples."""
+    import grain
+
+    from t5g2.data.packing import to_batch_contract, unpacked_batch
+
+    cfg = _packed_config("merged")
+    lengths = [(5, 3), (11, 9), (2, 1), (13, 7), (6, 4), (24, 20), (9, 12), (1, 1)]
+    examples = [{"inputs": np.arange(3, 3 + s, dtype=np.int32),
+                 "targets": np.arange(3, 3 + t, dtype=np.int32)} for s, t in lengths]
+    expected = sum(train_flops(cfg, s, t) for s, t in lengths)
+
+    padded = unpacked_batch(examples, encoder_length=ENC_LEN, decoder_length=DEC_LEN, start_id=2)
+    assert batch_train_flops(cfg, padded) == expected
+
+    ds = grain.experimental.FirstFitPackIterDataset(
+        grain.MapDataset.source(examples).to_iter_dataset(),
+        length_struct={"inputs": ENC_LEN, "targets": DEC_LEN}, num_packing_bins=4,
+        shuffle_bins=False)
+    rows = list(ds)
+    packed = to_batch_contract({k: np.stack([r[k] for r in rows]) for k in rows[0]}, start_id=2)
+    assert len(rows) < len(examples)  # several examples share a row
+    assert batch_train_flops(cfg, packed) == expected
+
+
+def test_segment_lengths_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="same rows"):
+        segment_lengths({"encoder_segment_ids": np.ones((2, 4), np.int32),
+                         "decoder_segment_ids": np.ones((3, 4), np.int32)})
+    with pytest.raises(ValueError, match=">= 0"):
+        segment_lengths({"encoder_segment_ids": -np.ones((2, 4), np.int32),
+                         "decoder_segment_ids": np.ones((2, 4), np.int32)})
+
+
+# ------------------------------------------------------------------ MFU over real tokens
+
+class _Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_step_timer_counts_the_flops_added_per_step():
+    clock = _Clock()
+    timer = StepTimer(tokens_per_step=100, padded_flops_per_step=50.0, peak_flops_per_s=100.0,
+                      clock=clock)
+    timer.add_flops(1e6)  # the compiling step: dropped by start
+    timer.start(1)
+    for flops in (10.0, 20.0, 30.0, 40.0):
+        timer.add_flops(flops)
+    clock.now += 2.0
+    assert timer.measure(5) == pytest.approx({  # 4 steps in 2 s, 100 FLOPs
+        "step_time_s": 0.5, "tokens_per_s": 200.0, "model_flops_per_s": 50.0, "mfu": 0.5,
+        "mfu_padded": 1.0})
+    timer.add_flops(5.0)
+    clock.now += 1.0
+    assert timer.measure(6)["model_flops_per_s"] == pytest.approx(5.0)  # a new window
+    clock.now += 1.0
+    assert "model_flops_per_s" not in timer.measure(7)  # a step nobody counted: no figure
+    with pytest.raises(ValueError, match="one or the other"):
+        StepTimer(tokens_per_step=1, flops_per_step=1.0).add_flops(1.0)
+
+
+def test_step_timer_sums_the_flops_of_all_processes():
+    """Each process adds its own rows' FLOPs; every window's total goes through the collective
+    exactly once per measure with steps in it, whatever the clock says (a collective skipped by
+    one process would hang the others)."""
+    calls = []
+
+    def two_processes(value):  # the other process did twice this one's work
+        calls.append(value)
+        return value + 2 * value
+
+    clock = _Clock()
+    timer = StepTimer(tokens_per_step=100, peak_flops_per_s=60.0,
+                      sum_across_processes=two_processes, clock=clock)
+    assert timer.measure(1) == {} and calls == []  # no window: nothing to sum on any process
+    timer.add_flops(10.0)
+    timer.add_flops(10.0)
+    clock.now += 1.0
+    got = timer.measure(3)  # 2 steps in 1 s, 3 x 20 FLOPs in all
+    assert (got["model_flops_per_s"], got["mfu"]) == pytest.approx((60.0, 1.0))
+    assert calls == [20.0]
+    timer.add_flops(10.0)  # no time passed: nothing reported, but the collective still ran
+    assert timer.measure(4) == {} and calls == [20.0, 10.0]
+    assert timer.measure(4) == {} and calls == [20.0, 10.0]  # no steps since: no collective
+
+
+def test_sum_over_processes_single_process():
+    assert sum_over_processes(1.5e15) == pytest.approx(1.5e15, rel=1e-7)
+
+
+def test_training_loop_logs_the_mfu_of_real_tokens(tmp_path, cache_dir):
+    """The main job's loop (UL2 rows: packed, padded): mfu / mfu_padded of every logged window
+    is its batches' real FLOPs over their full-length count, from the same batches drawn again."""
+    from configs import tiny
+    from t5g2.train import loop
+    from t5g2.train.config import TrainConfig
+
+    config = tiny.get_config()
+    config.model.encoder.num_layers = config.model.decoder.num_layers = 1  # compiles fast
+    config.train.update(steps=4, log_every=2, batch_size=8, encoder_length=64, decoder_length=64)
+    config.checkpoint.enabled = False
+    config.peak_flops_per_device = 1e9
+    config.data.ul2.cache_dir = cache_dir
+    loop.train(config, str(tmp_path))
+    logged = {m["step"]: m for m in map(json.loads,
+                                        (tmp_path / "metrics.jsonl").read_text().splitlines())}
+
+    model_cfg = ModelConfig.from_config_dict(config.model)
+    train_cfg = TrainConfig.from_config_dict(config.train)
+    source = loop.make_source(config, model_cfg, train_cfg)
+    real = [batch_train_flops(model_cfg, next(source)) for _ in range(4)]
+    source.close()
+    padded = 8 * train_flops(model_cfg, 64, 64)
+    assert "mfu" not in logged[1]  # the compiling step: no window
+    for first, last in ((2, 2), (3, 4)):  # the windows ending at steps 2 and 4
+        expected = sum(real[first - 1:last]) / (last - first + 1) / padded
+        assert logged[last]["mfu"] / logged[last]["mfu_padded"] == pytest.approx(expected,
+                                                                                 rel=1e-9)
+        assert expected < 0.95  # these rows hold padding: the two figures differ

@@ -230,9 +230,67 @@ def test_a_state_only_restores_into_the_same_pipeline(cache_dir, documents, voca
         source(config(cache_dir, seed=5), documents, vocab).set_state(state)
     with pytest.raises(ValueError, match="num_workers=0 \\(now 2;"):
         source(config(cache_dir, num_workers=2), documents, vocab).set_state(state)
-    with pytest.raises(ValueError, match="process_index=0 \\(now 1\\)"):
+    with pytest.raises(ValueError, match="shards=2, but this run's data order was saved with 1"):
+        source(config(cache_dir, shards=2), documents, vocab).set_state(state)
+    with pytest.raises(ValueError, match=r"process 1 of 2 needs data shard\(s\) \[1\] of 2; the "
+                                         r"saved states hold \[0\]"):
+        process_0 = source(config(cache_dir), documents, vocab, process_count=2)
         source(config(cache_dir), documents, vocab, process_index=1,
-               process_count=2).set_state(state)
+               process_count=2).set_state(process_0.get_state())
+
+
+def _global_batches(sources, n):
+    """The next n global batches of processes `sources` (in process order): their rows stacked."""
+    per_process = [take(src, n) for src in sources]
+    return [{k: np.concatenate([b[i][k] for b in per_process]) for k in per_process[0][0]}
+            for i in range(n)]
+
+
+def test_a_position_continues_exactly_on_any_process_count(cache_dir, short_documents, vocab):
+    """Saved by 3 processes (3 data shards): 1, 2 (rows straddling shards) and 6 processes (two
+    per shard) continue with exactly the global batches the 3 would have made next."""
+    cfg = config(cache_dir, batch_size=6)
+    saving = [source(cfg, short_documents, vocab, process_index=p, process_count=3)
+              for p in range(3)]
+    _global_batches(saving, 3)
+    states = [json.loads(json.dumps(src.get_state())) for src in saving]
+    expected = _global_batches(saving, 2)  # the 3 processes' own next batches
+    assert not np.array_equal(expected[0]["encoder_input_tokens"][:2],
+                              expected[0]["encoder_input_tokens"][2:4])  # the shards differ
+    for count in (1, 2, 6):
+        resumed = [source(cfg, short_documents, vocab, process_index=p, process_count=count)
+                   for p in range(count)]
+        for src in resumed:
+            src.restore_position(states)
+            assert src.shards == 3
+        assert_same(_global_batches(resumed, 2), expected)
+    shared = [s.get_state() for s in resumed]  # 6 processes: each shard's position twice
+    shared[1]["positions"]["0"] = states[0]["positions"]["0"]  # one of them stale
+    with pytest.raises(ValueError, match="different positions of data shard 0"):
+        source(cfg, short_documents, vocab).restore_position(shared)
+
+
+def test_shards_fix_the_global_batches_whatever_the_process_count(cache_dir, short_documents,
+                                                                   vocab):
+    three = [source(config(cache_dir, batch_size=6), short_documents, vocab, process_index=p,
+                    process_count=3) for p in range(3)]
+    one = source(config(cache_dir, batch_size=6, shards=3), short_documents, vocab)
+    assert_same(take(one, 2), _global_batches(three, 2))
+    with pytest.raises(PipelineConfigError, match="batch_size=4 .* not divisible by shards=3"):
+        source(config(cache_dir, shards=3), short_documents, vocab)
+
+
+def test_a_pre_shard_state_restores_as_its_process_shard(cache_dir, short_documents, vocab):
+    """A state this pipeline saved before shards existed (format 1: one pipeline per process)."""
+    cfg = config(cache_dir)
+    src = source(cfg, short_documents, vocab, process_index=1, process_count=2)
+    take(src, 2)
+    state = src.get_state()
+    old = {k: v for k, v in state.items() if k not in ("shards", "positions")}
+    old.update(format=1, process_index=1, process_count=2, iterator=state["positions"]["1"])
+    restored = source(cfg, short_documents, vocab, process_index=1, process_count=2)
+    restored.set_state(old)
+    assert_same(take(restored, 2), take(src, 2))
 
 
 # ---------------------------------------------------------------------------- JAX processes

@@ -12,6 +12,7 @@ from configs import tiny
 from t5g2 import sharding
 from t5g2.data.synthetic import SyntheticCopySource
 from t5g2.train.config import TrainConfig
+from t5g2.train.divergence import NonFiniteGuard
 from t5g2.train.optimizer import make_optimizer
 from t5g2.train.state import init_train_state, state_shardings
 from t5g2.train.step import loss_function, make_train_step
@@ -40,10 +41,12 @@ def test_training_on_a_repeated_batch_drives_the_loss_to_zero():
                             learning_rate=1e-2, warmup_steps=10, z_loss=1e-4)
     mesh, state, step = _setup(train_cfg)
     batch = sharding.global_batch_from_host(_copy_batch(train_cfg), mesh)
-    losses = []
+    losses, nonfinite = [], []
     for _ in range(train_cfg.steps):
         state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
+        nonfinite.append(float(metrics["nonfinite"]))
+    assert nonfinite == [0.0] * train_cfg.steps
     assert losses[0] > 5.0  # ~log(512) at init
     assert losses[-1] < 0.05, losses[-10:]
 
@@ -94,6 +97,8 @@ def test_launch_train_runs_from_a_config(tmp_path):
     ("batch_size", 10, r"train.batch_size=10 is not divisible by train.grad_accum_steps=4"),
     ("warmup_steps", -1, r"train.warmup_steps=-1 must be >= 0"),
     ("steps", 0, r"train.steps=0 must be a positive integer"),
+    ("on_nonfinite", "ignore", r"train.on_nonfinite='ignore' is unknown; valid: stop, skip"),
+    ("max_skipped", 0, r"train.max_skipped=0 must be a positive integer"),
 ])
 def test_bad_train_config(field, value, message):
     cd = tiny.get_config().train
@@ -119,3 +124,39 @@ def test_chunked_loss_gives_the_same_loss_and_gradients():
         assert float(a) == pytest.approx(float(b), rel=1e-6)
     for a, b in zip(g0, g4):
         assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max() + 1e-7
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_an_update_that_overflows_is_flagged_and_skip_keeps_the_state(mode):
+    """Finite loss and gradients, but an update past float32's range: the state the step returns
+    is not finite, which is what `nonfinite` must say; "skip" returns the given state instead."""
+    train_cfg = TrainConfig(batch_size=4, encoder_length=12, decoder_length=6, steps=1,
+                            on_nonfinite=mode)
+    overflow = optax.chain(optax.scale(3e38), optax.scale(10.0))  # |update| = 3e39 |grad|
+    mesh, state, step = _setup(train_cfg, optimizer=(overflow, optax.constant_schedule(1.0)))
+    before = [np.array(x) for x in jax.tree.leaves(state.params)]  # copies: the step donates
+    state, metrics = step(state, sharding.global_batch_from_host(_copy_batch(train_cfg), mesh))
+    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+    assert float(metrics["nonfinite"]) == 1.0
+    after = [np.asarray(x) for x in jax.tree.leaves(state.params)]
+    if mode == "skip":
+        for a, b in zip(before, after):
+            np.testing.assert_array_equal(a, b)
+    else:
+        assert not all(np.isfinite(a).all() for a in after)
+
+
+def test_skipped_steps_end_the_run_only_when_max_skipped_come_in_a_row():
+    guard = NonFiniteGuard("skip", max_skipped=2)
+    nan = float("nan")
+    flags = {1: 0, 2: 1, 3: 0, 4: 1, 5: 1}
+    reasons = {s: guard.observe(s, {"nonfinite": f, "loss": nan if f else 1.0, "grad_norm": 1.0})
+               for s, f in flags.items()}
+    assert [reasons[s] for s in range(1, 5)] == [None] * 4
+    assert reasons[5].startswith("steps 4-5 were not finite, train.max_skipped=2 in a row")
+    assert guard.report() == {"skipped_steps": 3.0} and guard.report() == {"skipped_steps": 0.0}
+    stop = NonFiniteGuard("stop", max_skipped=2)
+    assert stop.observe(7, {"nonfinite": 0.0}) is None and stop.report() == {}
+    reason = stop.observe(8, {"nonfinite": 1.0, "loss": 2.0, "grad_norm": 3.0})
+    assert reason == ("step 8 is not finite (loss=2, grad_norm=3: the update overflowed the "
+                      "parameters or optimizer state) and train.on_nonfinite=stop")

@@ -1,11 +1,11 @@
 """The UL2 training input pipeline on grain: documents -> tokens -> denoised chunks -> packed
 batches in the encoder-decoder contract (see `packing.py`).
 
-Stages, per JAX process:
+Stages, per data shard (by default one per JAX process; see "Shards" below):
 1. documents (a random-access `Sequence[str]`) -> `MapDataset.source` -> `.shuffle(seed)` ->
-   `.repeat()` (each epoch reshuffled) -> `[process_index::process_count]`: processes take
+   `.repeat()` (each epoch reshuffled) -> `[process_index::process_count]`: shards take
    alternate documents of one global order, so their shares are disjoint and together are exactly
-   what a single process would read -> tokenize, EOS appended as the document separator
+   what a single shard would read -> tokenize, EOS appended as the document separator
    (`document_tokens`);
 2. `.to_iter_dataset()`, then, with `num_workers > 0`, `.mp_prefetch(...)`: worker processes read
    and tokenize (the costly, stateless part). Grain hands worker w the documents w, w+N, ... and
@@ -15,7 +15,7 @@ Stages, per JAX process:
    from the concatenated token stream (documents longer than a chunk continue into the next
    chunk, short ones share a chunk; nothing is dropped) and denoises them;
 4. `FirstFitPackIterDataset` to (encoder_length, decoder_length), or one padded example per row
-   with `pack=False` -> `.batch(global batch / process_count)` -> `to_batch_contract`.
+   with `pack=False` -> `.batch(global batch / shards)` -> `to_batch_contract`.
 
 Because only stateless work runs in the workers, batches are identical for any `num_workers`
 (tests/test_pipeline.py checks 0 against 2). A saved state, however, records the reader's
@@ -24,6 +24,17 @@ it restores only into a pipeline with the same `num_workers`; `Ul2Source.set_sta
 
 Every state is small and JSON-able: `DenoisedChunks` stores the reader's state at the first
 document it still buffers plus an offset into it, never the buffered tokens.
+
+Shards: stages 1-4 run once per data shard v of S, with `process_index=v, process_count=S`, and
+shard v makes rows [v B/S, (v+1) B/S) of every global batch of B rows. S is `shards`, or by
+default the JAX process count at the run's first start; the run's saved states record it, so a
+resumed run keeps it whatever the process count is then. JAX process q of P feeds rows
+[q B/P, (q+1) B/P): it runs the shards overlapping those rows and takes its rows from them
+(`shard_rows`). With P = S that is one shard per process, exactly as without shards; with fewer
+processes each runs several shards; with more, processes share a shard (each runs it whole and
+keeps its rows: the tokenizing work per process is then that of B/S rows, not B/P). The global
+batches are therefore the same for any process count, and a position saved by S' processes
+continues exactly on any other count (`Ul2Source.restore_position`).
 
 Where the time goes (16384/16384, measured on a 2-core CPU): tokenizing is ~75% of the work,
 denoising, packing and batching little, hence tokenizing in workers and denoising in the
@@ -41,6 +52,7 @@ import collections
 import dataclasses
 import functools
 import json
+import logging
 from typing import Any, Iterator, Mapping, Sequence
 
 import grain
@@ -52,7 +64,9 @@ from t5g2.data.packing import pad_example, to_batch_contract
 from t5g2.data.sources import Documents, open_documents
 from t5g2.data.vocab import DEFAULT_MODE_TOKENS, Vocabulary, default_vocabulary
 
-STATE_FORMAT = 1
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = 2  # 1: one pipeline per process, read as shard process_index of process_count
 
 
 class PipelineConfigError(ValueError):
@@ -74,8 +88,13 @@ class PipelineConfig:
     Batching: `batch_size` (global, split evenly over JAX processes), `pack` (False: one example
     per row, padded), `packing_bins` (examples are packed into this many rows at a time; None:
     the local batch size).
+    Order: `shards` (the data shards that make the global batch, see the module docstring;
+    None: the JAX process count at the run's first start, then what its checkpoints recorded).
     Speed only: `num_workers` (tokenizing processes; 0 = in the calling process),
-    `worker_buffer_size`, `read_threads`, `read_buffer_size`.
+    `worker_buffer_size`, `read_threads`, `read_buffer_size`; `index_dir` (where text/JSONL
+    document indexes are cached: a dir or bucket URI all hosts share; None: under `cache_dir`)
+    and `index_workers` (processes scanning uncached files; None: one per core for large
+    corpora, see `index.PARALLEL_FROM_BYTES`).
     """
 
     source_kind: str = "embedded"
@@ -93,11 +112,14 @@ class PipelineConfig:
     seed: int = 0
     pack: bool = True
     packing_bins: int | None = None
+    shards: int | None = None
     num_workers: int = 0
     worker_buffer_size: int = 2
     read_threads: int = 2
     read_buffer_size: int = 32
     cache_dir: str | None = None
+    index_dir: str | None = None
+    index_workers: int | None = None
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "PipelineConfig":
@@ -127,6 +149,13 @@ class PipelineConfig:
             positive(name, minimum=0)
         if self.packing_bins is not None:
             positive("packing_bins")
+        if self.index_workers is not None:
+            positive("index_workers", minimum=0)
+        if self.shards is not None:
+            positive("shards")
+            if self.batch_size % self.shards:
+                raise PipelineConfigError(f"batch_size={self.batch_size} (global) is not "
+                                          f"divisible by shards={self.shards}")
         if self.num_sentinels is not None:
             positive("num_sentinels", minimum=0)
         if isinstance(process_count, bool) or not isinstance(process_count, int) \
@@ -325,7 +354,8 @@ def _allow_grain_workers() -> None:
 def make_dataset(cfg: PipelineConfig, documents: Sequence[str], vocab: Vocabulary,
                  mixture: Mixture, *, process_index: int = 0,
                  process_count: int = 1) -> grain.IterDataset:
-    """This process's batches (the batch contract, [batch_size / process_count, length])."""
+    """Data shard `process_index` of `process_count`: its rows of every global batch (the batch
+    contract, [batch_size / process_count, length]). Without `shards` a shard is a process."""
     cfg.validate(process_count)
     spec = _denoise_spec(cfg, vocab, mixture, process_index)
     ds = document_tokens(documents, vocab, seed=cfg.seed, process_index=process_index,
@@ -370,13 +400,29 @@ def open_vocabulary(cfg: PipelineConfig, mixture: Mixture) -> Vocabulary:
 
 def open_configured_documents(cfg: PipelineConfig) -> Documents:
     return open_documents(cfg.source_kind, cfg.source_paths, field=cfg.source_field,
-                          on_bad=cfg.on_bad, cache_dir=cfg.cache_dir)
+                          on_bad=cfg.on_bad, cache_dir=cfg.cache_dir, index_dir=cfg.index_dir,
+                          index_workers=cfg.index_workers)
+
+
+def shard_rows(batch_size: int, shards: int, process_index: int, process_count: int
+               ) -> list[tuple[int, slice]]:
+    """[(shard, rows of that shard's batch)] that make process `process_index`'s rows, in order.
+
+    Shard v makes the global rows [v B/shards, (v+1) B/shards), process q of P feeds
+    [q B/P, (q+1) B/P) (B = batch_size, divisible by both)."""
+    per_shard, per_process = batch_size // shards, batch_size // process_count
+    first, end = process_index * per_process, (process_index + 1) * per_process
+    return [(v, slice(max(first, v * per_shard) - v * per_shard,
+                      min(end, (v + 1) * per_shard) - v * per_shard))
+            for v in range(first // per_shard, (end - 1) // per_shard + 1)]
 
 
 class Ul2Source:
     """What the training loop consumes: an iterator of host-local batches with a JSON state.
 
     Anything not given is built from `cfg`. `process_index`/`process_count` default to JAX's.
+    The data shards are `cfg.shards` (None: `process_count`) until a restored state brings the
+    shard count it was saved with.
     """
 
     def __init__(self, cfg: PipelineConfig, *, documents: Sequence[str] | None = None,
@@ -392,34 +438,94 @@ class Ul2Source:
         self.documents = documents if documents is not None else open_configured_documents(cfg)
         self.vocab = vocab if vocab is not None else open_vocabulary(cfg, self.mixture)
         self.process_index, self.process_count = process_index, process_count
-        self.dataset = make_dataset(cfg, self.documents, self.vocab, self.mixture,
-                                    process_index=process_index, process_count=process_count)
-        self._iterator = iter(self.dataset)
+        self._iterators: dict[int, grain.DatasetIterator] = {}
+        self._open(cfg.shards or process_count)
+
+    def _open(self, shards: int) -> None:
+        """Starts this process's part of `shards` data shards from their beginning."""
+        self.close()
+        self.shards = shards
+        self._rows = shard_rows(self.cfg.batch_size, shards, self.process_index,
+                                self.process_count)
+        self._iterators = {v: iter(make_dataset(self.cfg, self.documents, self.vocab,
+                                                self.mixture, process_index=v,
+                                                process_count=shards))
+                           for v, _ in self._rows}
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return next(self._iterator)
+        parts = [(next(self._iterators[v]), rows) for v, rows in self._rows]
+        if len(parts) == 1:
+            batch, rows = parts[0]
+            return {k: v[rows] for k, v in batch.items()}
+        return {k: np.concatenate([batch[k][rows] for batch, rows in parts])
+                for k in parts[0][0]}
 
     def _identity(self) -> dict[str, Any]:
-        """What a state is only valid for: the config, this process, the data it reads."""
-        return dict(config=self.cfg.describe(), process_index=self.process_index,
-                    process_count=self.process_count, documents=len(self.documents),
+        """What a state is only valid for: the config and the data it reads."""
+        return dict(config=self.cfg.describe(), documents=len(self.documents),
                     vocab_size=self.vocab.size, mixture=repr(self.mixture))
 
     def get_state(self) -> dict[str, Any]:
-        """A JSON-able dict: restoring it continues with exactly the next batch."""
-        return dict(format=STATE_FORMAT, **self._identity(), iterator=self._iterator.get_state())
+        """A JSON-able dict: restoring it continues with exactly the next batch. It holds the
+        position of each shard this process runs and the run's shard count."""
+        return dict(format=STATE_FORMAT, **self._identity(), shards=self.shards,
+                    positions={str(v): self._iterators[v].get_state() for v, _ in self._rows})
 
     def set_state(self, state: Mapping[str, Any]) -> None:
-        if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"pipeline state format {state.get('format')!r}; this version "
-                             f"reads {STATE_FORMAT}")
+        """Continues from `state` (this process's saved state, or any holding its shards)."""
+        self.restore_position([state])
+
+    def restore_position(self, states: Sequence[Mapping[str, Any]]) -> None:
+        """Continues the global position that `states` record, on this process count.
+
+        states: what the processes of the saving run recorded, however many there were (or any
+        of them holding the shards this process needs). The shard count is the saved one, so the
+        next global batch is exactly the one the saving run would have made next. ValueError
+        names what does not fit: another pipeline, a `shards` setting, a missing shard.
+        """
+        states = [_current_format(s) for s in states]
+        for state in states:
+            self._check_same_pipeline(state)
+        counts = sorted({int(s["shards"]) for s in states})
+        if len(counts) != 1:
+            raise ValueError(f"the saved states disagree on the number of data shards: {counts}")
+        shards = counts[0]
+        if self.cfg.shards is not None and self.cfg.shards != shards:
+            raise ValueError(f"shards={self.cfg.shards}, but this run's data order was saved "
+                             f"with {shards} shards; set shards={shards} (or leave it unset) to "
+                             "continue it")
+        positions: dict[int, Any] = {}
+        for state in states:
+            for v, position in state["positions"].items():
+                if positions.setdefault(int(v), position) != position:
+                    raise ValueError(f"the saved states hold different positions of data shard "
+                                     f"{v} (processes that share a shard run it in lockstep)")
+        needed = [v for v, _ in shard_rows(self.cfg.batch_size, shards, self.process_index,
+                                           self.process_count)]
+        missing = [v for v in needed if v not in positions]
+        if missing:
+            raise ValueError(f"process {self.process_index} of {self.process_count} needs data "
+                             f"shard(s) {missing} of {shards}; the saved states hold "
+                             f"{sorted(positions)}")
+        if shards != self.shards:
+            self._open(shards)
+            if self.process_count > shards:
+                log.warning("%d processes feed the %d data shards this run's order was saved "
+                            "with: each process runs a whole shard and keeps its rows, so it "
+                            "makes %.3gx the rows it trains on (--config.data.ul2.shards sets "
+                            "the shard count of a new run)", self.process_count, shards,
+                            len(self._rows) * self.process_count / shards)
+        for v, iterator in self._iterators.items():
+            iterator.set_state(positions[v])
+
+    def _check_same_pipeline(self, state: Mapping[str, Any]) -> None:
         mine = self._identity()
         config = mine.pop("config")
         changed = [f"{k}={state['config'].get(k)!r} (now {v!r})" for k, v in config.items()
-                   if k not in _SPEED_ONLY and state["config"].get(k) != v]
+                   if k not in _SPEED_ONLY | {"shards"} and state["config"].get(k) != v]
         changed += [f"{k}={state.get(k)!r} (now {v!r})" for k, v in mine.items()
                     if state.get(k) != v]
         if state["config"].get("num_workers") != config["num_workers"]:
@@ -429,20 +535,37 @@ class Ul2Source:
         if changed:
             raise ValueError("this pipeline state was saved by a different pipeline: "
                              + "; ".join(changed))
-        self._iterator.set_state(state["iterator"])
 
     def consumed(self) -> dict[str, int]:
-        """Documents and tokens consumed so far (as of the last restorable position)."""
-        return _find_counts(self._iterator.get_state())
+        """Documents and tokens this process's shards consumed so far (as of the last
+        restorable position)."""
+        counts = [_find_counts(it.get_state()) for it in self._iterators.values()]
+        return {k: sum(c[k] for c in counts) for k in counts[0]}
 
     def close(self) -> None:
         """Stops grain's worker processes, if any."""
-        self._iterator.close()
+        for iterator in self._iterators.values():
+            iterator.close()
+
+
+def _current_format(state: Mapping[str, Any]) -> Mapping[str, Any]:
+    """`state` in STATE_FORMAT; a format-1 state is one process's pipeline, which is shard
+    `process_index` of `process_count`."""
+    if state.get("format") == 1:
+        old = state
+        state = {k: v for k, v in old.items()
+                 if k not in ("process_index", "process_count", "iterator")}
+        state.update(format=STATE_FORMAT, shards=old["process_count"],
+                     positions={str(old["process_index"]): old["iterator"]})
+    if state.get("format") != STATE_FORMAT:
+        raise ValueError(f"pipeline state format {state.get('format')!r}; this version reads "
+                         f"{STATE_FORMAT}")
+    return state
 
 
 # Fields that change only the speed; num_workers is checked separately (state layout).
 _SPEED_ONLY = frozenset({"num_workers", "worker_buffer_size", "read_threads",
-                         "read_buffer_size", "cache_dir"})
+                         "read_buffer_size", "cache_dir", "index_dir", "index_workers"})
 
 
 def _find_counts(state: Any) -> dict[str, int]:

@@ -2,14 +2,14 @@
 
 Each host yields only its rows of the global batch; row r of step s is a pure function of
 (seed, s, r), so any number of processes sees the same global batch and a restored position
-continues exactly. The task is copying: the decoder must reproduce the first decoder_length
-encoder tokens. With `distinct_batches=k` the source cycles through k batches, so a working train
+continues exactly, on any number of processes (the position is the step, the same on all). The
+task is copying: the decoder must reproduce the first decoder_length encoder tokens. With `distinct_batches=k` the source cycles through k batches, so a working train
 step drives the loss towards zero (k=1: one repeated batch, the CPU smoke run's setting).
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -72,3 +72,11 @@ class SyntheticCopySource:
 
     def set_state(self, state: dict) -> None:
         self.step = int(state["step"])
+
+    def restore_position(self, states: Sequence[dict]) -> None:
+        """Continues the position every process of the saving run recorded (any number of
+        them): the step, which they all share."""
+        steps = sorted({int(state["step"]) for state in states})
+        if len(steps) != 1:
+            raise ValueError(f"the saved data positions disagree: steps {steps}")
+        self.step = steps[0]

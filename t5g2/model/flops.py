@@ -26,31 +26,51 @@ T*(T+S) per merged decoder layer, T*T + T*S with a separate cross block. The den
 XLA's own cost analysis reports for an unbanded forward (tests/test_flops.py checks that), the
 useful count is the one for MFU.
 
-All counts are for one example with every token valid and one segment. Every term is linear in
-the tokens or counts pairs within a segment, so a packed row's count is the sum of its segments'
-counts, and a batch's the sum of its rows'.
+`forward_flops` / `train_flops` count one example: one segment, every token valid. A packed or
+padded batch does the model FLOPs of the tokens really in it: each segment (a pair of encoder and
+decoder runs with the same non-zero segment id in one row) with its own lengths and its own
+visible pairs (its queries see only its own keys, cross attention only its own encoder tokens);
+padding (segment id 0) does none. `batch_train_flops` counts that: the same formula evaluated for
+every segment's lengths at once (numpy arrays), summed. It is the MFU numerator of the training
+loop and of `benchmarks/train_step.py`, so padding never counts as work.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
 
 from t5g2.model.attention import decoder_window, encoder_window
 from t5g2.model.config import ModelConfig, StackConfig
 
 
-def window_pairs(n: int, left: int, right: int) -> int:
-    """(query, key) pairs i, j in [0, n) with -left <= j - i <= right: a clipped band."""
-    return sum(n - abs(d) for d in range(-left, right + 1) if abs(d) < n)
+TRAIN_OVER_FORWARD = 3  # forward + backward, the backward being 2 x forward (see train_flops)
+
+Lengths = int | np.ndarray  # one length, or an int64 array of lengths (one per segment)
 
 
-def encoder_pairs(s: StackConfig, length: int, layer: int, *, useful_only: bool = True) -> int:
+def window_pairs(n: Lengths, left: int, right: int) -> Lengths:
+    """(query, key) pairs i, j in [0, n) with -left <= j - i <= right: a clipped band.
+
+    Offset d >= 0 (up to min(right, n - 1)) and d < 0 (down to -min(left, n - 1)) each hold
+    n - |d| pairs; summed in closed form, so `n` may be an array of lengths.
+    """
+    r = np.minimum(right, n - 1)
+    l = np.minimum(left, n - 1)
+    return (r + 1) * n - r * (r + 1) // 2 + l * n - l * (l + 1) // 2
+
+
+def encoder_pairs(s: StackConfig, length: Lengths, layer: int, *,
+                  useful_only: bool = True) -> Lengths:
     """Visible (query, key) pairs of encoder layer `layer` over `length` tokens."""
     if not useful_only or s.is_global(layer):
         return length * length
     return window_pairs(length, *encoder_window(s.sliding_window))
 
 
-def decoder_self_pairs(s: StackConfig, length: int, layer: int, *,
-                       useful_only: bool = True) -> int:
+def decoder_self_pairs(s: StackConfig, length: Lengths, layer: int, *,
+                       useful_only: bool = True) -> Lengths:
     """Visible (query, key) pairs among the decoder's own tokens in decoder layer `layer`."""
     if not useful_only:
         return length * length
@@ -59,16 +79,20 @@ def decoder_self_pairs(s: StackConfig, length: int, layer: int, *,
     return window_pairs(length, *decoder_window(s.sliding_window))
 
 
-def _projections(s: StackConfig, tokens: int) -> int:
+def _projections(s: StackConfig, tokens: Lengths) -> Lengths:
     """q/k/v/o projections and the GeGLU MLP of one Gemma 3 block over `tokens` tokens."""
     qo = 2 * s.num_heads * s.head_dim
     kv = 2 * s.num_kv_heads * s.head_dim
     return 2 * tokens * s.d_model * (qo + kv + 3 * s.ffn_dim)
 
 
-def _attention(s: StackConfig, pairs: int) -> int:
+def _attention(s: StackConfig, pairs: Lengths) -> Lengths:
     """QK^T and PV over `pairs` (query, key) pairs: 2 FLOPs x heads x head_dim, twice."""
     return 2 * 2 * s.num_heads * s.head_dim * pairs
+
+
+PARTS = ("encoder_matmuls", "encoder_attention", "decoder_matmuls", "decoder_cross_matmuls",
+         "decoder_self_attention", "decoder_cross_attention", "lm_head")
 
 
 def forward_flops(cfg: ModelConfig, encoder_length: int, decoder_length: int, *,
@@ -85,13 +109,21 @@ def forward_flops(cfg: ModelConfig, encoder_length: int, decoder_length: int, *,
       decoder_cross_attention: scores and values over the encoder keys (merged or separate);
       lm_head: the vocabulary projection of every decoder token.
     """
+    if encoder_length < 0 or decoder_length < 0:
+        raise ValueError(f"lengths must be >= 0, got encoder {encoder_length}, decoder "
+                         f"{decoder_length}")
+    parts = _forward_parts(cfg, np.int64(encoder_length), np.int64(decoder_length),
+                           useful_only)
+    result = {k: float(v) for k, v in parts.items()}
+    result["total"] = float(sum(parts.values()))
+    return result
+
+
+def _forward_parts(cfg: ModelConfig, s_len: Lengths, t_len: Lengths,
+                   useful_only: bool) -> dict[str, Lengths]:
+    """`forward_flops`'s parts, exact integers, elementwise over int64 arrays of lengths."""
     enc, dec = cfg.encoder, cfg.decoder
-    s_len, t_len = encoder_length, decoder_length
-    if s_len < 0 or t_len < 0:
-        raise ValueError(f"lengths must be >= 0, got encoder {s_len}, decoder {t_len}")
-    out = dict.fromkeys(("encoder_matmuls", "encoder_attention", "decoder_matmuls",
-                         "decoder_cross_matmuls", "decoder_self_attention",
-                         "decoder_cross_attention", "lm_head"), 0)
+    out = dict.fromkeys(PARTS, 0)
 
     for i in range(enc.num_layers):
         out["encoder_matmuls"] += _projections(enc, s_len)
@@ -115,9 +147,7 @@ def forward_flops(cfg: ModelConfig, encoder_length: int, decoder_length: int, *,
             out["decoder_cross_attention"] += cross_attention
 
     out["lm_head"] = 2 * t_len * dec.d_model * cfg.vocab_size
-    result = {k: float(v) for k, v in out.items()}
-    result["total"] = float(sum(out.values()))
-    return result
+    return out
 
 
 def train_flops(cfg: ModelConfig, encoder_length: int, decoder_length: int, *,
@@ -129,5 +159,65 @@ def train_flops(cfg: ModelConfig, encoder_length: int, decoder_length: int, *,
     forward. Recomputation under `remat` is not added: it is hardware work, not model FLOPs (the
     PaLM MFU convention); an HFU figure would add one more forward per rematerialised layer.
     """
-    return 3.0 * forward_flops(cfg, encoder_length, decoder_length,
-                               useful_only=useful_only)["total"]
+    return TRAIN_OVER_FORWARD * forward_flops(cfg, encoder_length, decoder_length,
+                                              useful_only=useful_only)["total"]
+
+
+def segment_lengths(batch: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(encoder lengths, decoder lengths), int64, of every packed segment of a batch.
+
+    A segment is one (row, segment id > 0): its encoder and decoder tokens carry the same id
+    (the packer's contract, t5g2/data/packing.py); one side may be empty. Read from the
+    `encoder_segment_ids` / `decoder_segment_ids` arrays [rows, length] (0 = padding).
+    """
+    enc_ids = np.asarray(batch["encoder_segment_ids"])
+    dec_ids = np.asarray(batch["decoder_segment_ids"])
+    if enc_ids.ndim != 2 or dec_ids.ndim != 2 or enc_ids.shape[0] != dec_ids.shape[0]:
+        raise ValueError(f"segment ids must be [rows, length] with the same rows; got encoder "
+                         f"{enc_ids.shape}, decoder {dec_ids.shape}")
+    rows, enc_width = enc_ids.shape
+    if min(enc_ids.min(initial=0), dec_ids.min(initial=0)) < 0:
+        raise ValueError("segment ids must be >= 0 (0 = padding)")
+    ids = 1 + max(int(enc_ids.max(initial=0)), int(dec_ids.max(initial=0)))
+    if ids > enc_width + dec_ids.shape[1] + 1:  # not numbered 1, 2, ...: renumber, 0 kept
+        values, inverse = np.unique(np.concatenate([enc_ids, dec_ids], axis=1),
+                                    return_inverse=True)
+        inverse = inverse.reshape(rows, -1) + int(values[0] != 0)
+        enc_ids, dec_ids = inverse[:, :enc_width], inverse[:, enc_width:]
+        ids = 1 + int(inverse.max(initial=0))
+
+    def counts(segment_ids):  # tokens per (row, id), ids 1.. (0 = padding dropped)
+        keys = np.arange(rows, dtype=np.int64)[:, None] * ids + segment_ids
+        return np.bincount(keys.ravel(), minlength=rows * ids).reshape(rows, ids)[:, 1:]
+
+    enc, dec = counts(enc_ids), counts(dec_ids)
+    present = (enc > 0) | (dec > 0)
+    return enc[present].astype(np.int64), dec[present].astype(np.int64)
+
+
+def batch_forward_flops(cfg: ModelConfig, batch: Mapping[str, np.ndarray], *,
+                        useful_only: bool = True) -> dict[str, float]:
+    """`forward_flops`'s parts and total for a batch (host numpy arrays in the batch contract):
+    each part summed over the batch's packed segments, padding excluded.
+
+    Every segment must have positions 0, 1, ... in order (as the packer makes them): its window
+    pairs are counted from its length. `useful_only=False` is the dense count per segment.
+    """
+    enc, dec = segment_lengths(batch)
+    # Each distinct (encoder, decoder) length pair once, times how often it occurs: a row of
+    # many tiny segments costs no more than one of a few long ones.
+    base = int(dec.max(initial=0)) + 1
+    key, count = np.unique(enc * base + dec, return_counts=True)
+    enc, dec = np.divmod(key, base)
+    parts = {k: int(np.sum(v * count))
+             for k, v in _forward_parts(cfg, enc, dec, useful_only).items()}
+    result = {k: float(v) for k, v in parts.items()}
+    result["total"] = float(sum(parts.values()))
+    return result
+
+
+def batch_train_flops(cfg: ModelConfig, batch: Mapping[str, np.ndarray], *,
+                      useful_only: bool = True) -> float:
+    """Model FLOPs of one training step on `batch`: `train_flops` of each packed segment, summed
+    (the MFU numerator: padding is not work)."""
+    return TRAIN_OVER_FORWARD * batch_forward_flops(cfg, batch, useful_only=useful_only)["total"]

@@ -4,7 +4,9 @@ Each step directory holds four items:
   params, opt_state  the train state's arrays as flat {name: array} dicts. Every process writes
                      its own shards; a restore reads the shards the *target* mesh needs, so a
                      checkpoint saved on one mesh restores onto another without gathering.
-  data               one JSON file per process: that process's batch-source position.
+  data               one JSON file per process, process_<i>-of-<n>.json: that process's
+                     batch-source position. A run on another number of processes reads them all
+                     and its batch source continues the global position (`Restored.all_data`).
   meta               JSON: step, the run's config, and a fingerprint of every array.
 Saves are asynchronous: the arrays are copied to host memory before `save` returns (the next
 step may donate them) and written in the background. Orbax writes into a temporary directory and
@@ -32,6 +34,8 @@ from jax.sharding import NamedSharding
 
 from t5g2.configlib import ConfigError
 from t5g2.convert.checkpoint_files import CheckpointError  # one error for every checkpoint kind
+from t5g2.model import checkpoint_fields
+from t5g2.model.params import path_key
 from t5g2.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -39,29 +43,17 @@ log = logging.getLogger(__name__)
 FORMAT = "t5g2-checkpoint-1"
 CHECKPOINT_DIR = "checkpoints"
 ARRAY_ITEMS = ("params", "opt_state")
-# Model fields that change how the model computes, not its parameters: a checkpoint restores
-# across them. Every other model field must match the checkpoint's (param_dtype and scan_layers
-# too: the saved arrays have that dtype and layout, unlike a Hugging Face checkpoint, which
-# t5g2.train.init converts into any).
-COMPUTE_ONLY_MODEL_FIELDS = frozenset({"dtype", "remat", "attention_query_chunk"})
 _TMP_MARK = ".orbax-checkpoint-tmp"
 CORRUPT_SUFFIX = ".corrupt"
 SUPERSEDED_SUFFIX = ".superseded"
 
 
 # ----------------------------------------------------------------------------------------------
-# Flat names: the train state as {"params.encoder.layers...": leaf}.
+# Flat names: each array item as {"encoder.layers...": leaf}, the parameters' module paths
+# (`t5g2.model.params.path_key`) joined by "." (the names are the format's: FORMAT fixes them).
 
 def _key_name(path) -> str:
-    parts = []
-    for entry in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(entry, attr):
-                parts.append(str(getattr(entry, attr)))
-                break
-    if parts and parts[-1] == "value":  # an nnx.Variable's payload: named by the variable
-        parts.pop()
-    return ".".join(parts)
+    return path_key(path, ".")
 
 
 def flatten(tree: Any, is_leaf=None) -> dict[str, Any]:
@@ -136,8 +128,15 @@ class MetaHandler(ocp.JsonCheckpointHandler):
 # ----------------------------------------------------------------------------------------------
 # One JSON file per process (orbax's JSON handler writes on the primary process only).
 
+_PROCESS_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
+
+
 class ProcessJsonHandler(ocp.JsonCheckpointHandler):
-    """Saves each process's own JSON (its data-iterator position) as process_<i>-of-<n>.json."""
+    """Saves each process's own JSON (its data-iterator position) as process_<i>-of-<n>.json.
+
+    Restores {"process_count": n, "states": {i: JSON}}: this process's own file when n is the
+    current process count, every file otherwise (a resized run continues from all of them).
+    Another process count is no damage; a file missing from the set of n is."""
 
     @staticmethod
     def _name() -> str:
@@ -147,13 +146,24 @@ class ProcessJsonHandler(ocp.JsonCheckpointHandler):
         (directory / self._name()).write_text(json.dumps(x))
 
     def restore(self, directory, item=None, args=None):
-        path = directory / self._name()
-        if not path.exists():
-            saved = sorted(p.name for p in directory.iterdir())
-            raise CheckpointError(f"{path} not found (the data state was saved as {saved}): a "
-                                  "data-iterator position is per process, so resume with the "
-                                  "same number of processes")
-        return json.loads(path.read_text())
+        names = sorted(p.name for p in directory.iterdir())
+        files: dict[int, dict[int, Any]] = {}
+        for name in names:
+            match = _PROCESS_FILE.fullmatch(name)
+            if match:
+                files.setdefault(int(match[2]), {})[int(match[1])] = directory / name
+        if len(files) != 1:
+            raise CheckpointError(f"{directory}: expected process_<i>-of-<n>.json for one n, "
+                                  f"found {names}")
+        (count, paths), = files.items()
+        if set(paths) != set(range(count)):
+            raise CheckpointError(f"{directory}: the data positions of {count} processes are "
+                                  f"process_0-of-{count}.json ... process_{count - 1}-of-"
+                                  f"{count}.json; found "
+                                  f"{[name for name in names if _PROCESS_FILE.fullmatch(name)]}")
+        wanted = [jax.process_index()] if count == jax.process_count() else range(count)
+        return {"process_count": count,
+                "states": {i: json.loads(paths[i].read_text()) for i in wanted}}
 
 
 @ocp.args.register_with_handler(ProcessJsonHandler, for_save=True)
@@ -171,23 +181,14 @@ class ProcessJsonRestore(ocp.args.CheckpointArgs):
 # ----------------------------------------------------------------------------------------------
 # Config compatibility.
 
-def _differences(saved: Any, current: Any, prefix: str, saved_in: str) -> list[str]:
-    if isinstance(saved, dict) and isinstance(current, dict):
-        out = []
-        for key in sorted(set(saved) | set(current)):
-            out += _differences(saved.get(key), current.get(key), f"{prefix}.{key}", saved_in)
-        return out
-    return [] if saved == current else [f"{prefix}={saved!r} in {saved_in}, {current!r} now"]
-
-
 def model_differences(saved_config: Mapping[str, Any], config: Mapping[str, Any],
                       saved_in: str = "the checkpoint") -> list[str]:
-    """Model-config fields (those that shape parameters) that differ from the checkpoint's."""
-    saved = {k: v for k, v in saved_config.get("model", {}).items()
-             if k not in COMPUTE_ONLY_MODEL_FIELDS}
-    current = {k: v for k, v in config.get("model", {}).items()
-               if k not in COMPUTE_ONLY_MODEL_FIELDS}
-    return _differences(saved, current, "model", saved_in)
+    """Model-config fields that differ from the checkpoint's: all but those that only change
+    how the model computes (`checkpoint_fields.COMPUTE_FIELDS`; the module says why)."""
+    return [f"model.{field}={saved!r} in {saved_in}, {current!r} now"
+            for field, saved, current in checkpoint_fields.differences(
+                saved_config.get("model", {}), config.get("model", {}),
+                ignore=checkpoint_fields.COMPUTE_FIELDS)]
 
 
 def config_as_json(config) -> dict[str, Any]:
@@ -201,9 +202,11 @@ def config_as_json(config) -> dict[str, Any]:
 class Restored:
     step: int
     state: TrainState
-    data: Any  # the batch source's state, as saved by this process
+    data: Any  # this process's batch-source state; None when data_process_count differs
     config: dict[str, Any]
     path: str
+    data_process_count: int | None = None  # how many processes saved the data states
+    all_data: list[Any] | None = None  # when that count differs: every one's state, by index
 
 
 class Checkpointer:
@@ -331,8 +334,13 @@ class Checkpointer:
                  else None for item in ARRAY_ITEMS}
         state = TrainState(step=jax.device_put(jnp.asarray(step, jnp.int32), shardings.step),
                            **parts)
-        return Restored(step=step, state=state, data=restored["data"] if with_data else None,
-                        config=meta["config"], path=self.step_path(step))
+        data = restored["data"] if with_data else {"process_count": None, "states": {}}
+        resized = data["process_count"] not in (None, jax.process_count())
+        return Restored(step=step, state=state, config=meta["config"], path=self.step_path(step),
+                        data=data["states"].get(jax.process_index()) if not resized else None,
+                        data_process_count=data["process_count"],
+                        all_data=[data["states"][i] for i in sorted(data["states"])]
+                        if resized else None)
 
     def _check_layout(self, step: int, abstract: Mapping[str, Mapping[str, Any]]) -> None:
         """The arrays this config expects must be the saved ones (names, shapes, dtypes)."""

@@ -1,4 +1,5 @@
-"""The `train` section of a config: batch, lengths, schedule, optimizer, accumulation, logging."""
+"""The `train` section of a config: batch, lengths, schedule, optimizer, accumulation, logging,
+and what a non-finite step does."""
 
 from __future__ import annotations
 
@@ -6,6 +7,13 @@ import dataclasses
 from typing import Any, Mapping
 
 from t5g2.configlib import ConfigError, build, positive, to_dict
+
+# train.on_nonfinite: what a step whose loss, gradients or updated state are not finite does
+# (t5g2.train.divergence). "stop": the run ends with an error naming the last good checkpoint;
+# "skip": the step's update is dropped, and `max_skipped` such steps in a row end the run.
+ON_NONFINITE = ("stop", "skip")
+# The fields the learning rate at a step depends on (t5g2.train.optimizer.learning_rate_schedule).
+SCHEDULE_FIELDS = ("learning_rate", "warmup_steps", "min_learning_rate_ratio", "steps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +36,8 @@ class TrainConfig:
     # logits memory [B, chunk, vocab] instead of [B, T, vocab].
     loss_chunk: int = 0
     log_every: int = 10
+    on_nonfinite: str = "stop"
+    max_skipped: int = 10  # with on_nonfinite="skip": this many skipped steps in a row stop the run
 
     @classmethod
     def from_config_dict(cls, cd: Mapping[str, Any], prefix: str = "train") -> "TrainConfig":
@@ -41,7 +51,7 @@ class TrainConfig:
 
     def validate(self, prefix: str = "train") -> None:
         for name in ("batch_size", "encoder_length", "decoder_length", "steps",
-                     "grad_accum_steps", "log_every"):
+                     "grad_accum_steps", "log_every", "max_skipped"):
             positive(getattr(self, name), f"{prefix}.{name}")
         if self.batch_size % self.grad_accum_steps:
             raise ConfigError(f"{prefix}.batch_size={self.batch_size} is not divisible by "
@@ -56,3 +66,6 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip_norm", "z_loss", "loss_chunk"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{prefix}.{name}={getattr(self, name)} must be >= 0")
+        if self.on_nonfinite not in ON_NONFINITE:
+            raise ConfigError(f"{prefix}.on_nonfinite={self.on_nonfinite!r} is unknown; valid: "
+                              f"{', '.join(ON_NONFINITE)}")

@@ -20,16 +20,17 @@ from t5g2 import sharding
 from t5g2.configlib import ConfigError
 from t5g2.data.synthetic import SyntheticCopySource
 from t5g2.model import ModelConfig
-from t5g2.model.flops import train_flops
+from t5g2.model.flops import batch_train_flops, train_flops
 from t5g2.model.params import count_params
 from t5g2.train.checkpoint import Checkpointer, check_compatible, config_as_json
-from t5g2.train.config import TrainConfig
-from t5g2.train.metrics import MetricsWriter, StepTimer
-from t5g2.train.optimizer import make_optimizer
+from t5g2.train.config import SCHEDULE_FIELDS, TrainConfig
+from t5g2.train.divergence import NonFiniteGuard
+from t5g2.train.metrics import MetricsWriter, StepTimer, sum_over_processes
+from t5g2.train.optimizer import learning_rate_schedule, make_optimizer
 from t5g2.train.peak import peak_flops_per_device
 from t5g2.train.preemption import PreemptionWatch
 from t5g2.train.state import TrainState, abstract_train_state, state_shardings
-from t5g2.train.step import make_train_step
+from t5g2.train.step import make_train_step, optimizer_count
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +78,23 @@ def _ul2_source(config, model_cfg: ModelConfig, train_cfg: TrainConfig):
 
     source = Ul2Source(pipeline_config(config, train_cfg))
     check_vocabulary_fits_model(source.vocab, model_cfg)
-    if model_cfg.bos_id != source.vocab.bos_id:
-        raise ConfigError(f"model.bos_id={model_cfg.bos_id} but the vocabulary's BOS (the "
-                          f"decoder start id) is {source.vocab.bos_id}")
     return source
 
 
+# The model's special ids the vocabulary also defines: BOS starts every decoder segment, PAD and
+# EOS are what an export's config.json tells generation (padding, when to stop).
+_SPECIAL_IDS = {"pad_id": "PAD", "eos_id": "EOS", "bos_id": "BOS (the decoder start id)"}
+
+
 def check_vocabulary_fits_model(vocab, model_cfg: ModelConfig) -> None:
-    """Every id the pipeline emits must index the model's table, and a trained vocabulary's
-    text ids must not collide with the model's EOI / image placeholder ids."""
+    """Every id the pipeline emits must index the model's table, the model's pad / eos / bos ids
+    must be the vocabulary's, and a trained vocabulary's text ids must not collide with the
+    model's EOI / image placeholder ids."""
+    for name, what in _SPECIAL_IDS.items():
+        ours, theirs = getattr(model_cfg, name), getattr(vocab, name)
+        if ours != theirs:
+            raise ConfigError(f"model.{name}={ours} but the vocabulary's {what} is {theirs}; "
+                              f"set --config.model.{name}={theirs}")
     if vocab.size > model_cfg.vocab_size:
         raise ConfigError(f"the vocabulary has {vocab.size} ids (sentencepiece {vocab.sp_size} +"
                           f" {vocab.extra_ids} sentinels) but model.vocab_size="
@@ -176,13 +185,23 @@ def start_state(config, model_cfg: ModelConfig, tx, mesh, shardings: TrainState,
 
 
 def _restore_data_position(source, restored, config) -> None:
+    """Continues the checkpoint's data position. Saved by another number of processes, every
+    process's saved position goes to `restore_position`: the sources' global batches do not
+    depend on the process count, so the run continues with exactly the batches it would have
+    had (launch/README.md: "Resuming on another number of hosts")."""
     saved, now = restored.config.get("data", {}).get("source"), config.data.source
     if saved != now:
         raise ConfigError(f"{restored.path} was saved by a run reading data.source={saved!r}, "
                           f"this one reads {now!r}: its data position does not apply")
     if hasattr(source, "set_state"):
         try:
-            source.set_state(restored.data)
+            if restored.all_data is None:
+                source.set_state(restored.data)
+            else:
+                log.info("%s was saved by %d processes, this run has %d: continuing its data "
+                         "position on %d", restored.path, restored.data_process_count,
+                         jax.process_count(), jax.process_count())
+                source.restore_position(restored.all_data)
         except (KeyError, ValueError) as e:
             raise ConfigError(f"{restored.path}: the saved data position does not fit this "
                               f"run's pipeline: {e}") from e
@@ -191,8 +210,10 @@ def _restore_data_position(source, restored, config) -> None:
 def _run(config, workdir, model_cfg, train_cfg, mesh, step_fn, source, checkpointer, state,
          start, origin) -> RunResult:
     peak, peak_origin = peak_flops_per_device(config.peak_flops_per_device)
-    step_flops = train_cfg.batch_size * train_flops(model_cfg, train_cfg.encoder_length,
-                                                    train_cfg.decoder_length)
+    # MFU counts the model FLOPs of the real tokens (batch_train_flops, per step and process);
+    # this, every position counted as a token, is only for mfu_padded.
+    padded_flops = train_cfg.batch_size * train_flops(model_cfg, train_cfg.encoder_length,
+                                                      train_cfg.decoder_length)
     step_tokens = train_cfg.batch_size * (train_cfg.encoder_length + train_cfg.decoder_length)
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
@@ -208,34 +229,67 @@ def _run(config, workdir, model_cfg, train_cfg, mesh, step_fn, source, checkpoin
         log.info("step %d >= train.steps=%d: nothing to train (raise --config.train.steps to "
                  "continue)", start, train_cfg.steps)
         return RunResult({}, start, False, last_checkpoint)
+    if checkpointer is not None and start:
+        warn_if_schedule_changed(checkpointer.saved_config(start).get("train", {}), train_cfg,
+                                 int(jax.device_get(optimizer_count(state.opt_state, state.step))),
+                                 last_checkpoint)
 
-    timer = StepTimer(tokens_per_step=step_tokens, flops_per_step=step_flops,
-                      peak_flops_per_s=peak * mesh.size)
+    timer = StepTimer(tokens_per_step=step_tokens, padded_flops_per_step=padded_flops,
+                      peak_flops_per_s=peak * mesh.size,
+                      sum_across_processes=sum_over_processes if jax.process_count() > 1 else None)
     metrics: dict[str, float] = {}
     step, preempted = start, False
+    guard = NonFiniteGuard(train_cfg.on_nonfinite, train_cfg.max_skipped)
     with MetricsWriter(workdir, process_index=jax.process_index(),
                        total_steps=train_cfg.steps, initial_step=start) as writer, \
-            PreemptionWatch(agree_every=train_cfg.log_every) as preemption:
+            PreemptionWatch() as preemption:
+
+        def finish(done: int, step_metrics, host_batch) -> dict[str, float]:
+            """Waits for step `done`'s metrics, ends a diverged run, reports the step when due.
+            All processes call it for every step, in order, with the same (replicated) values."""
+            nonlocal metrics
+            values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+            diverged = guard.observe(done, values)
+            timer.add_flops(batch_train_flops(model_cfg, host_batch))  # the next step runs
+            final = done == train_cfg.steps or (preempted and done == step) or diverged
+            if done % train_cfg.log_every == 0 or final or done == start + 1:
+                metrics = {k: v for k, v in values.items() if k not in _CONTROL_METRICS}
+                metrics.update(guard.report())
+                metrics.update(timer.measure(done))
+                metrics.update(batch_fill(host_batch))
+                writer.write(done, metrics)
+            if diverged:
+                if checkpointer is not None:
+                    checkpointer.wait()  # the last good checkpoint, complete on disk
+                raise guard.error(diverged, last_checkpoint)
+            return values
+
+        # One step stays queued on the device: step k's metrics are fetched once step k+1 is
+        # dispatched, so the device has work while Python waits, and Python is never more than
+        # a step ahead of it. A signal or a non-finite step is acted on within a step or two,
+        # whatever log_every is, and every step's metrics are checked.
+        pending = None  # (step, its metrics on the device, its host batch)
         while step < train_cfg.steps and not preempted:
             host_batch = next(source)
-            batch = sharding.global_batch_from_host(host_batch, mesh)
+            rows = len(next(iter(host_batch.values())))
+            batch = sharding.global_batch_from_host(
+                {**host_batch, **preemption.request_column(rows)}, mesh)
             state, step_metrics = step_fn(state, batch)
             step += 1
             if step == start + 1:  # throughput windows start after the first (compiling) step
                 jax.block_until_ready(step_metrics)
                 timer.start(step)
+            on_demand = pending is not None and finish(*pending).get("checkpoint_requested")
+            pending = (step, step_metrics, host_batch)
             preempted = preemption.should_stop(step)
             last = step == train_cfg.steps or preempted
-            on_demand = preemption.save_requested(step)
             if checkpointer is not None and (last or on_demand or checkpointer.should_save(step)):
+                finish(*pending)  # a state is saved only once its step is known to be finite
+                pending = None
                 checkpointer.save(step, state, data_state(), saved_json)
                 last_checkpoint = checkpointer.step_path(step)
-            if step % train_cfg.log_every and not last and step != start + 1:
-                continue
-            metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-            metrics.update(timer.measure(step))
-            metrics.update(batch_fill(host_batch))
-            writer.write(step, metrics)
+        if pending is not None:
+            finish(*pending)
         if checkpointer is not None:  # still under the watch: a second SIGTERM can't cut it
             checkpointer.wait()
     if preempted:
@@ -244,9 +298,31 @@ def _run(config, workdir, model_cfg, train_cfg, mesh, step_fn, source, checkpoin
     return RunResult(metrics, step, preempted, last_checkpoint)
 
 
+# Step metrics the loop acts on rather than reports.
+_CONTROL_METRICS = ("nonfinite", "checkpoint_requested")
+
+
+def warn_if_schedule_changed(saved_train: dict[str, Any], train_cfg: TrainConfig, count: int,
+                             checkpoint: str) -> None:
+    """Logs (process 0) which learning-rate schedule fields differ from the checkpoint's, and the
+    learning rate of the next update under both schedules: resuming with e.g. another
+    train.steps silently moves the cosine decay."""
+    changed = {f: (saved_train[f], getattr(train_cfg, f)) for f in SCHEDULE_FIELDS
+               if f in saved_train and saved_train[f] != getattr(train_cfg, f)}
+    if not changed or jax.process_index() != 0:
+        return
+    saved = dataclasses.replace(train_cfg, **{f: old for f, (old, _) in changed.items()})
+    now, before = (float(learning_rate_schedule(cfg)(count)) for cfg in (train_cfg, saved))
+    log.warning("the learning-rate schedule differs from the one %s was trained with: %s; the "
+                "next update (schedule step %d) uses learning rate %.4g, %.4g under the "
+                "checkpoint's schedule", checkpoint,
+                ", ".join(f"train.{f} {old} -> {new}" for f, (old, new) in changed.items()),
+                count, now, before)
+
+
 def batch_fill(batch: dict[str, Any]) -> dict[str, float]:
     """Fractions of this host's encoder / decoder positions holding tokens (not padding):
-    tokens/s and MFU count every position, these say how many of them were real."""
+    tokens/s and mfu_padded count every position, mfu only the real tokens."""
     return {f"{side}_fill": float((batch[f"{side}_segment_ids"] > 0).mean())
             for side in ("encoder", "decoder")}
 

@@ -70,6 +70,7 @@ _TAIL = {
     "tokens_per_s": ("tokens/s", _finite(lambda v: f"{v:,.0f}")),
     "model_flops_per_s": ("FLOP/s", _finite(_si)),
     "mfu": ("mfu", _finite(lambda v: f"{v:.1%}")),
+    "mfu_padded": ("mfu_padded", _finite(lambda v: f"{v:.1%}")),
 }
 _GENERIC = _finite(lambda v: f"{v:.4g}")
 _POSTFIX_KEYS = ("loss", "tokens_per_s", "mfu")  # what the progress bar shows
@@ -214,42 +215,79 @@ class MetricsWriter:
 class StepTimer:
     """Throughput over the steps between two reporting points.
 
-        timer = StepTimer(tokens_per_step=..., flops_per_step=..., peak_flops_per_s=...)
+        timer = StepTimer(tokens_per_step=..., padded_flops_per_step=..., peak_flops_per_s=...,
+                          sum_across_processes=...)
+        ...                              # every step, from the first:
+        timer.add_flops(flops)           # this process's model FLOPs of the step (its rows)
         timer.start(step)                # e.g. once the first (compiling) step's results are ready
         ...
         metrics.update(timer.measure(step))   # at a reporting point, after fetching the metrics
 
-    `measure` returns `step_time_s`, `tokens_per_s`, `model_flops_per_s` (when `flops_per_step` is
-    given) and `mfu` (when `peak_flops_per_s`, the peak of all devices together, is also given),
-    averaged over the steps since the last `start`/`measure`, and starts the next window. Without
-    a window (no start yet, or no steps since) it returns {} and starts one.
+    `measure` returns `step_time_s`, `tokens_per_s` and, when FLOPs are known, `model_flops_per_s`
+    and `mfu` (against `peak_flops_per_s`, the peak of all devices together), averaged over the
+    steps since the last `start`/`measure`, and starts the next window. Without a window (no
+    start yet, or no steps since) it returns {} and starts one.
+
+    Model FLOPs are either the same every step (`flops_per_step`, all processes together) or
+    counted per step with `add_flops` (what the step's real tokens need: packing leaves padding,
+    which is not work); FLOPs added before `start` are dropped with the window they fell in.
+    With several processes each adds its own rows' FLOPs and `measure` sums the window's totals
+    with `sum_across_processes` (a collective: every process must call `measure` at the same
+    steps). `padded_flops_per_step` (every position counted as a token, all processes) adds
+    `mfu_padded`, the figure that counts padding as work.
     """
 
     def __init__(self, *, tokens_per_step: float, flops_per_step: float | None = None,
+                 padded_flops_per_step: float | None = None,
                  peak_flops_per_s: float | None = None,
+                 sum_across_processes: Callable[[float], float] | None = None,
                  clock: Callable[[], float] = time.perf_counter):
         if peak_flops_per_s is not None and peak_flops_per_s <= 0:
             raise ValueError(f"peak_flops_per_s={peak_flops_per_s} must be positive")
         self.tokens_per_step = tokens_per_step
         self.flops_per_step = flops_per_step
+        self.padded_flops_per_step = padded_flops_per_step
         self.peak_flops_per_s = peak_flops_per_s
+        self._sum_across_processes = sum_across_processes
         self._clock = clock
         self._time: float | None = None
         self._step = 0
+        self._added: float | None = None  # this process's FLOPs added in the current window
+
+    def add_flops(self, flops: float) -> None:
+        """Adds this process's model FLOPs of one step to the current window."""
+        if self.flops_per_step is not None:
+            raise ValueError("add_flops with flops_per_step set: give one or the other")
+        self._added = (self._added or 0.0) + flops
 
     def start(self, step: int) -> None:
-        self._time, self._step = self._clock(), step
+        self._time, self._step, self._added = self._clock(), step, None
 
     def measure(self, step: int) -> dict[str, float]:
         now = self._clock()
-        steps, last = step - self._step, self._time
-        self._time, self._step = now, step
-        if last is None or steps <= 0 or now <= last:
+        steps, last, added = step - self._step, self._time, self._added
+        self._time, self._step, self._added = now, step, None
+        if last is None or steps <= 0:
+            return {}
+        if added is not None and self._sum_across_processes is not None:
+            added = self._sum_across_processes(added)  # before any clock test: a collective
+        if now <= last:
             return {}
         seconds = (now - last) / steps
         out = {"step_time_s": seconds, "tokens_per_s": self.tokens_per_step / seconds}
-        if self.flops_per_step is not None:
-            out["model_flops_per_s"] = self.flops_per_step / seconds
+        flops = added / steps if added is not None else self.flops_per_step
+        if flops is not None:
+            out["model_flops_per_s"] = flops / seconds
             if self.peak_flops_per_s is not None:
                 out["mfu"] = out["model_flops_per_s"] / self.peak_flops_per_s
+        if self.padded_flops_per_step is not None and self.peak_flops_per_s is not None:
+            out["mfu_padded"] = self.padded_flops_per_step / seconds / self.peak_flops_per_s
         return out
+
+
+def sum_over_processes(value: float) -> float:
+    """`value` summed over all JAX processes (process_allgather: every process must call it).
+    Without jax_enable_x64 it travels as float32: 7 significant digits, ample for a rate."""
+    from jax.experimental import multihost_utils
+
+    return float(multihost_utils.process_allgather(value).sum())

@@ -2,13 +2,17 @@
 checkpoint at the next step boundary and an orderly exit; SIGUSR1 asks for a checkpoint and
 training goes on (`kill -USR1 <pid>`: a save on demand, e.g. before trying something risky).
 
+The loop keeps at most one step queued on the device beyond the one it waits for, so "the next
+step boundary" is the end of the step running when the signal arrives or of the one after it,
+whatever `train.log_every` is.
 SIGTERM: with one process, a handler sets a flag the loop polls between steps. With several,
 JAX's own coordination service (started by `jax.distributed.initialize`) receives the signal and
-`reached_preemption_sync_point` makes every process stop at the same step, so the checkpoint
-they write together is consistent.
-SIGUSR1: with one process, honoured after the current step. With several, the processes agree
-at the next step that is a multiple of `agree_every` (an all-gather of one flag), so a signal to
-any one of them is enough.
+`reached_preemption_sync_point` makes every process stop at the same step (the highest step any
+process has reached, plus one), so the checkpoint they write together is consistent.
+SIGUSR1: the process's flag travels in the next batch it feeds (`request_column`: the
+CHECKPOINT_REQUEST column), and the step returns its maximum over all rows: every process reads
+it from the same step's metrics and saves at the same step, a few steps after the signal, with
+no collective of its own. A signal to any one process is enough.
 """
 
 from __future__ import annotations
@@ -26,16 +30,20 @@ log = logging.getLogger(__name__)
 # reports, so schedulers (Kubernetes Jobs, restart loops) treat the run as interrupted and start
 # it again rather than as finished.
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
+# A [batch, 1] int column the loop adds to each batch: every process fills its own rows with its
+# checkpoint request; the train step returns the maximum as the replicated metric
+# `checkpoint_requested`, so all processes learn of any one's request at the same step.
+CHECKPOINT_REQUEST = "checkpoint_request"
 
 
 class PreemptionWatch:
     """`should_stop(step)`: a termination request has arrived (and every process agrees to stop
-    at this step); `save_requested(step)`: a checkpoint was asked for (SIGUSR1)."""
+    at this step); `request_column(rows)`: this process's checkpoint request (SIGUSR1), for the
+    step to share with every process."""
 
-    def __init__(self, agree_every: int = 1):
+    def __init__(self):
         self.requested = False
         self._save = False
-        self.agree_every = agree_every
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
             # Several processes: JAX's preemption notifier owns SIGTERM.
@@ -47,16 +55,17 @@ class PreemptionWatch:
     def _on_sigterm(self, signum, frame) -> None:
         del frame
         if not self.requested:
-            log.warning("received %s: saving a checkpoint after this step, then exiting",
-                        signal.Signals(signum).name)
+            log.warning("received %s: saving a checkpoint at the next step boundary, then "
+                        "exiting", signal.Signals(signum).name)
         self.requested = True
 
     def _on_sigusr1(self, signum, frame) -> None:
         del signum, frame
-        log.info("received SIGUSR1: saving a checkpoint after this step")
+        log.info("received SIGUSR1: saving a checkpoint in the next steps")
         self._save = True
 
     def should_stop(self, step: int) -> bool:
+        """All processes call it at every step."""
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
@@ -64,18 +73,12 @@ class PreemptionWatch:
                 step)
         return self.requested
 
-    def save_requested(self, step: int) -> bool:
-        """Whether to save at `step` (clears the request). All processes call it every step."""
-        if jax.process_count() > 1:
-            if step % self.agree_every:
-                return False
-            from jax.experimental import multihost_utils
-
-            wanted = bool(np.any(multihost_utils.process_allgather(np.asarray(self._save))))
-        else:
-            wanted = self._save
+    def request_column(self, rows: int) -> dict[str, np.ndarray]:
+        """{CHECKPOINT_REQUEST: [rows, 1]}, 1 when a checkpoint was asked for since the last call
+        (which clears the request), to add to this process's rows of the next batch."""
+        column = np.full((rows, 1), int(self._save), np.int32)
         self._save = False
-        return wanted
+        return {CHECKPOINT_REQUEST: column}
 
     def close(self) -> None:
         for sig, previous in self._previous.items():

@@ -3,6 +3,13 @@ explicit shardings and donated state.
 
 Losses and gradients are accumulated as sums over target tokens and divided by the total token
 weight once, so k micro-batches give exactly the gradient of one batch of k times the size.
+
+Every step also reports `nonfinite`: 1 when its loss, its gradient norm or any value of the
+updated parameters and optimizer state is not finite (a finite gradient can still overflow the
+update), i.e. exactly when the state it returns could not be saved. With
+`train.on_nonfinite="skip"` such a step returns the state it was given: parameters and optimizer
+state, the optimizer's own step count included, so the learning-rate schedule does not advance
+either (optax's `apply_if_finite` convention); `learning_rate` is the rate the step applied.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from t5g2 import sharding
 from t5g2.model import ModelConfig
 from t5g2.train.config import TrainConfig
 from t5g2.train.loss import LossSums, chunked_cross_entropy
+from t5g2.train.preemption import CHECKPOINT_REQUEST  # optional: in the loop's batches
 from t5g2.train.state import TrainState, model_graphdef
 
 Batch = Mapping[str, jax.Array]
@@ -54,6 +62,24 @@ def _microbatches(batch: Batch, steps: int, mesh: Mesh, rules) -> Batch:
     return {k: split(v) for k, v in batch.items()}
 
 
+def optimizer_count(opt_state: Any, default: jax.Array) -> jax.Array:
+    """The optimizer's own count of applied updates (optax's schedule state): the position of the
+    learning-rate schedule. It is the train step less the skipped steps; `default` when the
+    optimizer keeps none (a constant learning rate)."""
+    def is_schedule(x):
+        return isinstance(x, optax.ScaleByScheduleState)
+
+    counts = [s.count for s in jax.tree.leaves(opt_state, is_leaf=is_schedule) if is_schedule(s)]
+    return counts[0] if counts else default
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every floating-point value in `tree` is finite (a scalar bool)."""
+    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+
+
 def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig,
                     tx: optax.GradientTransformation, schedule: optax.Schedule, mesh: Mesh,
                     shardings: TrainState,
@@ -62,8 +88,11 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig,
     grad_fn = jax.grad(loss_function(model_cfg, train_cfg.z_loss, train_cfg.loss_chunk),
                        has_aux=True)
     accum = train_cfg.grad_accum_steps
+    skip = train_cfg.on_nonfinite == "skip"
 
     def step(state: TrainState, batch: Batch):
+        batch = dict(batch)
+        request = batch.pop(CHECKPOINT_REQUEST, None)
         with sharding.use_mesh(mesh, rules):
             if accum == 1:
                 grads, sums = grad_fn(state.params, batch)
@@ -81,7 +110,16 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig,
             params = optax.apply_updates(state.params, updates)
         metrics = {"loss": sums.cross_entropy / weight, "z_loss": sums.z_loss / weight,
                    "grad_norm": optax.global_norm(grads),
-                   "learning_rate": schedule(state.step), "target_tokens": sums.weight}
+                   "learning_rate": schedule(optimizer_count(state.opt_state, state.step)),
+                   "target_tokens": sums.weight}
+        finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["z_loss"])
+                  & jnp.isfinite(metrics["grad_norm"]) & all_finite((params, opt_state)))
+        if skip:  # keep the state it was given
+            params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                             (params, opt_state), (state.params, state.opt_state))
+        metrics["nonfinite"] = (~finite).astype(jnp.float32)
+        if request is not None:
+            metrics["checkpoint_requested"] = jnp.max(request).astype(jnp.float32)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     replicated = NamedSharding(mesh, PartitionSpec())
