@@ -14,7 +14,8 @@ from absl import flags
 
 from launch import cli
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "the training run's workdir")
+_WORKDIR = flags.DEFINE_string("workdir", None,
+                               "the training run's workdir (a path or a gs:// URL)")
 _OUT = flags.DEFINE_string("out", None, "the Hugging Face directory to write")
 _STEP = flags.DEFINE_integer("step", None, "the checkpoint step (default: the latest)")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace a non-empty --out directory")

@@ -2,7 +2,7 @@
 
     python -m launch.train --config configs/tiny.py --workdir /tmp/t5g2_tiny
     python -m launch.train --config configs/t5g2_270m.py --config.mesh.fsdp=8 --workdir /mnt/runs/a
-    python -m launch.train --config configs/t5g2_270m.py --workdir /mnt/runs/b \
+    python -m launch.train --config configs/t5g2_270m.py --workdir gs://bucket/runs/b \
         --config.init.from_gemma3=/mnt/gemma-3-270m
 
 A workdir that holds checkpoints resumes from the latest, so after a preemption the same command
@@ -12,20 +12,21 @@ status 143 (128 + SIGTERM), so schedulers restart it rather than count it finish
 Multi-host: every process runs this same command; `jax.distributed` is initialised from the
 environment (T5G2_CLUSTER, TPU VM metadata, Slurm variables, or T5G2_COORDINATOR_ADDRESS /
 T5G2_NUM_PROCESSES / T5G2_PROCESS_ID), see launch/README.md. The workdir is a local or mounted
-path shared by all processes (object-store URLs are not supported yet).
+path shared by all processes, or an object-store URL (gs://bucket/run): config.json, metrics and
+TensorBoard files go through etils.epath (`t5g2/fs.py`), checkpoints through orbax and tensorstore
+(gs:// checkpoints also need `pip install google-cloud-storage`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 from absl import flags
 from ml_collections import config_flags
 
 from launch import cli
-from t5g2 import distributed
+from t5g2 import distributed, fs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file (configs/*.py)",
                                           lock_config=True)
@@ -42,15 +43,15 @@ def main(argv):
     from t5g2.train import loop  # after jax.distributed, which must precede other JAX calls
     from t5g2.train.preemption import PREEMPTED_EXIT_CODE
 
-    workdir = os.path.abspath(_WORKDIR.value)
+    workdir = fs.absolute(_WORKDIR.value)  # a URL stays a URL
     result = loop.train(_CONFIG.value, workdir)
     logging.info("final metrics: %s", loop.summary(result.metrics))  # every process
     if jax.process_index() == 0:
         print(f"\nstopped at step {result.step}{' (preempted)' if result.preempted else ''}\n"
               f"  workdir      {workdir}\n"
               f"  checkpoint   {result.checkpoint or 'none written'}\n"
-              f"  metrics      {os.path.join(workdir, 'metrics.jsonl')}\n"
-              f"  tensorboard  tensorboard --logdir {os.path.join(workdir, 'tensorboard')}\n"
+              f"  metrics      {fs.join(workdir, 'metrics.jsonl')}\n"
+              f"  tensorboard  tensorboard --logdir {fs.join(workdir, 'tensorboard')}\n"
               f"  export       python -m launch.export --workdir {workdir} --out <hf_dir>",
               flush=True)
     if result.preempted:

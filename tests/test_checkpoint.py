@@ -519,19 +519,25 @@ def _on_one_device(monkeypatch) -> None:
                         lambda cfg, devices=None: make_mesh(cfg, jax.devices()[:1]))
 
 
+def _signalled_at_step_5(tmp_path, monkeypatch, signum, steps):
+    """loop.train on one device, `signum` sent once the device has finished step 5; logging
+    every 100 steps and checkpointing every 1000, so neither explains when the run reacts."""
+    _on_one_device(monkeypatch)
+    monkeypatch.setattr(loop, "make_train_step", signal_when_the_device_finishes(
+        loop.make_train_step, signum, at_step=5))
+    config = _small_config(steps)
+    config.train.log_every = 100
+    config.train.encoder_length = config.train.decoder_length = 64  # a device step > a loop turn
+    config.checkpoint.every = 1000
+    return loop.train(config, str(tmp_path))
+
+
 def test_sigterm_stops_within_a_step_of_the_one_running_whatever_log_every(tmp_path,
                                                                            monkeypatch):
     """The device has just finished step 5 when SIGTERM arrives: the run saves and stops at most
     two steps later (the step then queued, or the one after if the loop was past its check), not
     at the next logged step (log_every=100 here; Python used to run that far ahead)."""
-    _on_one_device(monkeypatch)
-    monkeypatch.setattr(loop, "make_train_step", signal_when_the_device_finishes(
-        loop.make_train_step, signal.SIGTERM, at_step=5))
-    config = _small_config(200)
-    config.train.log_every = 100
-    config.train.encoder_length = config.train.decoder_length = 64  # a device step > a loop turn
-    config.checkpoint.every = 1000
-    result = loop.train(config, str(tmp_path))
+    result = _signalled_at_step_5(tmp_path, monkeypatch, signal.SIGTERM, steps=200)
     assert result.preempted and 5 <= result.step <= 7, result.step
     assert os.listdir(tmp_path / "checkpoints") == [str(result.step)]
     assert sorted(_logged(tmp_path)) == [1, result.step]  # the first step and the last
@@ -542,13 +548,6 @@ def test_sigusr1_saves_within_a_few_steps_whatever_log_every(tmp_path, monkeypat
     or 7, or 8 if the loop was past its check) and is read back from that step's metrics once the
     next step is queued: the save is at most four steps later, not at a logged step (log_every
     is 100); training goes on."""
-    _on_one_device(monkeypatch)
-    monkeypatch.setattr(loop, "make_train_step", signal_when_the_device_finishes(
-        loop.make_train_step, signal.SIGUSR1, at_step=5))
-    config = _small_config(20)
-    config.train.log_every = 100
-    config.train.encoder_length = config.train.decoder_length = 64  # a device step > a loop turn
-    config.checkpoint.every = 1000
-    loop.train(config, str(tmp_path))
+    _signalled_at_step_5(tmp_path, monkeypatch, signal.SIGUSR1, steps=20)
     saved = sorted(int(n) for n in os.listdir(tmp_path / "checkpoints"))
     assert len(saved) == 2 and 5 <= saved[0] <= 9 and saved[1] == 20, saved

@@ -12,10 +12,11 @@ from unittest import mock
 
 import pytest
 
-from t5g2.data import fs
+from t5g2 import fs
 from t5g2.data import index as index_lib
 from t5g2.data import sources
 from t5g2.data.sources import SourceError, open_documents
+from tests import fake_store
 
 REAL_SCAN = sources.scan_file  # the fixture below wraps it to count scans
 
@@ -261,37 +262,10 @@ def test_worker_processes_build_the_same_indexes(tmp_path, caplog):
 
 @pytest.fixture
 def fake_gcs(tmp_path):
-    """gs://<x> is served from <tmp_path>/gcs/<x> through etils.epath's mock backend; returns the
-    list of (operation, gs:// path) calls it served."""
-    from etils.epath import gpath, testing
-
+    """gs://<x> is served from <tmp_path>/gcs/<x> through etils.epath's mock backend
+    (tests/fake_store.py); returns the root and the list of (operation, gs:// path) calls served."""
     root = str(tmp_path / "gcs")
-    calls = []
-
-    def to_local(p):
-        p = str(p)
-        return root + "/" + p[len("gs://"):] if p.startswith("gs://") else p
-
-    def to_remote(p):
-        p = str(p)
-        return "gs://" + p[len(root) + 1:] if p.startswith(root + "/") else p
-
-    def served(name, back=False):
-        def fn(original, path, *args, **kwargs):
-            if str(path).startswith("gs://"):
-                calls.append((name, str(path)))
-            result = original(to_local(path), *[to_local(a) for a in args], **kwargs)
-            return [to_remote(r) for r in result] if back else result
-        return fn
-
-    ops = ("open", "exists", "isdir", "makedirs", "mkdir", "remove", "rename", "replace", "stat",
-           "listdir", "walk", "rmtree", "copy")
-    overrides = {op: served(op) for op in ops}
-    overrides["glob"] = served("glob", back=True)
-    # With TensorFlow installed, epath sends gs:// to tf.io.gfile rather than its backend table;
-    # the mock replaces the table, so route gs:// through it.
-    with testing.mock_epath(**overrides), mock.patch.object(gpath, "_is_tf_installed",
-                                                            lambda: False):
+    with fake_store.fake_gcs(root) as calls:
         yield root, calls
 
 

@@ -6,6 +6,7 @@ joint checkpoint for a 4th, and one single-process reference on 8 CPU devices wi
 flags; the per-step losses must agree, and only process 0 reports.
 """
 
+import contextlib
 import itertools
 import json
 import os
@@ -151,6 +152,18 @@ def _env(devices: int, **extra: str) -> dict:
     return env
 
 
+@contextlib.contextmanager
+def _killed_at_exit():
+    """A list for the test's processes; any still running when the block ends is killed."""
+    procs: list[subprocess.Popen] = []
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
 def _run_all(jobs: dict[str, tuple[dict, Path]], logs: Path, extra_flags=()) -> dict[str, str]:
     """Starts every job at once, waits for all (killing all of them on a timeout or a failure);
     returns each job's output."""
@@ -245,8 +258,8 @@ def test_signals_to_one_process_save_on_demand_and_stop_both_with_joint_checkpoi
     coordination service passes the preemption notice on; every process stops at the same step,
     saves its part of the same checkpoint and exits 143."""
     cluster = dict(T5G2_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", T5G2_NUM_PROCESSES="2")
-    workdir, procs = tmp_path / "run", []
-    try:
+    workdir = tmp_path / "run"
+    with _killed_at_exit() as procs:
         for i in range(2):
             with open(tmp_path / f"process{i}.log", "w", encoding="utf-8") as log:
                 procs.append(subprocess.Popen(
@@ -270,10 +283,6 @@ def test_signals_to_one_process_save_on_demand_and_stop_both_with_joint_checkpoi
         wait_for(on_demand + 2)
         procs[1].send_signal(signal.SIGTERM)  # process 0 is not told
         codes = [p.wait(TIMEOUT_S) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
     logs = [(tmp_path / f"process{i}.log").read_text() for i in range(2)]
     assert codes == [PREEMPTED_EXIT_CODE] * 2, "\n".join(log[-3000:] for log in logs)
     stopped = _metrics(workdir)[-1]["step"]
@@ -386,9 +395,9 @@ def test_two_processes_agree_on_signals_within_a_few_steps_whatever_log_every(tm
     together, within seconds (JAX's preemption sync point: max step reached + 1, once the
     notice has gone round, which takes wall time, so fast steps run on meanwhile)."""
     cluster = dict(T5G2_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", T5G2_NUM_PROCESSES="2")
-    workdir, procs = tmp_path / "run", []
+    workdir = tmp_path / "run"
     signals = [(signal.SIGUSR1, 5), (signal.SIGTERM, 12)]
-    try:
+    with _killed_at_exit() as procs:
         for i, (signum, at_step) in enumerate(signals):
             with open(tmp_path / f"process{i}.log", "w", encoding="utf-8") as log:
                 procs.append(subprocess.Popen(
@@ -396,10 +405,6 @@ def test_two_processes_agree_on_signals_within_a_few_steps_whatever_log_every(tm
                      str(at_step)], cwd=REPO, env=_env(1, **cluster, T5G2_PROCESS_ID=str(i)),
                     stdout=log, stderr=subprocess.STDOUT))
         codes = [p.wait(TIMEOUT_S) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
     logs = [(tmp_path / f"process{i}.log").read_text() for i in range(2)]
     assert codes == [PREEMPTED_EXIT_CODE] * 2, "\n".join(log[-3000:] for log in logs)
     saved = sorted(int(name) for name in os.listdir(workdir / "checkpoints"))

@@ -34,7 +34,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from t5g2.data import fs
+from t5g2 import fs
 
 __all__ = ["FileIndex", "cache_file", "load", "save", "file_indexes", "FORMAT"]
 
@@ -71,13 +71,9 @@ class FileIndex:
 
 def cache_file(index_dir: str, kind: str, field: str | None, path: str) -> str:
     """Where the index of `path` (read as `kind`/`field`) is cached under `index_dir`."""
-    key = json.dumps([FORMAT, kind, field, _absolute(path)]).encode()
+    key = json.dumps([FORMAT, kind, field, fs.absolute(path)]).encode()
     name = os.path.basename(str(path).rstrip("/"))[:80]
     return fs.join(index_dir, f"{name}.{hashlib.sha256(key).hexdigest()[:24]}.index")
-
-
-def _absolute(path: str) -> str:
-    return str(path) if fs.is_remote(path) else os.path.abspath(path)
 
 
 def encode(index: FileIndex) -> bytes:

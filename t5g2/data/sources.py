@@ -41,7 +41,7 @@ Very long documents are fine: the pipeline splits them.
 
 Paths may be globs; each pattern expands in sorted order, and a pattern matching nothing is an
 error naming it. A path may be an object-store URI (gs://bucket/corpus/*.jsonl, s3://...): it is
-read through `etils.epath` (`fs.py`); ArrayRecord files must be local.
+read through `etils.epath` (`t5g2/fs.py`); ArrayRecord files must be local.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from t5g2.data import fs
+from t5g2 import fs
 from t5g2.data.corpus import cache_root, embedded_corpus_path
 from t5g2.data.index import FileIndex, file_indexes
 

@@ -10,19 +10,22 @@ Each step directory holds four items:
   meta               JSON: step, the run's config, and a fingerprint of every array.
 Saves are asynchronous: the arrays are copied to host memory before `save` returns (the next
 step may donate them) and written in the background. Orbax writes into a temporary directory and
-renames it when complete, so a crash during a save leaves the earlier checkpoints intact; the
-leftover is reported on restart. The fingerprints (a position-weighted wrapping sum of each
-array's bits) make a corrupted or truncated array an error rather than silently wrong weights.
+renames it when complete (on gs://: writes in place and marks it complete with a commit file), so
+a crash during a save leaves the earlier checkpoints intact; the leftover is reported on restart.
+The fingerprints (a position-weighted wrapping sum of each array's bits) make a corrupted or
+truncated array an error rather than silently wrong weights.
+The workdir may be an object-store URL: the directory operations here go through `t5g2.fs`, the
+arrays through orbax and tensorstore (their gs:// writes are not exercised by this project's tests).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
 import re
-import shutil
 import time
 from typing import Any, Mapping
 
@@ -32,6 +35,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 
+from t5g2 import fs
 from t5g2.configlib import ConfigError
 from t5g2.convert.checkpoint_files import CheckpointError  # one error for every checkpoint kind
 from t5g2.model import checkpoint_fields
@@ -44,6 +48,7 @@ FORMAT = "t5g2-checkpoint-1"
 CHECKPOINT_DIR = "checkpoints"
 ARRAY_ITEMS = ("params", "opt_state")
 _TMP_MARK = ".orbax-checkpoint-tmp"
+_COMMIT_FILE = ocp.path.atomicity_types.COMMIT_SUCCESS_FILE  # a complete step on gs://
 CORRUPT_SUFFIX = ".corrupt"
 SUPERSEDED_SUFFIX = ".superseded"
 
@@ -224,8 +229,12 @@ class Checkpointer:
                                  ("keep_period", keep_period, 0)):
             if value < low:
                 raise ConfigError(f"checkpoint.{name}={value} must be >= {low}")
-        self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
-        if read_only and not os.path.isdir(self.directory):
+        self.directory = fs.absolute(fs.join(workdir, CHECKPOINT_DIR))
+        if self.directory.startswith("gs://") and not _gcs_client_installed():
+            raise CheckpointError(f"checkpoints in {self.directory} need the google-cloud-storage "
+                                  "package, which orbax uses for gs:// but does not install: "
+                                  "pip install google-cloud-storage")
+        if read_only and not fs.is_dir(self.directory):
             raise CheckpointError(f"{workdir}: no {CHECKPOINT_DIR}/ directory (is this the "
                                   "workdir of a training run?)")
         self.interrupted = interrupted_saves(self.directory)
@@ -253,7 +262,7 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def step_path(self, step: int) -> str:
-        return os.path.join(self.directory, str(step))
+        return fs.join(self.directory, str(step))
 
     def saved_config(self, step: int) -> dict[str, Any]:
         return self._meta(step)["config"]
@@ -404,7 +413,7 @@ class Checkpointer:
         continuation saves its own steps and a restart resumes it, not the old line."""
         if jax.process_index() == 0:
             for path in self.interrupted:
-                shutil.rmtree(path, ignore_errors=True)
+                fs.rmtree(path)
         _sync("t5g2-checkpoint-cleanup")
         for newer in [s for s in self.steps() if s > step]:
             log.warning("checkpoint %d is newer than the restored step %d: moving it to %s",
@@ -414,11 +423,7 @@ class Checkpointer:
 
     def _move_aside(self, step: int, suffix: str) -> None:
         if jax.process_index() == 0:
-            target, n = self.step_path(step) + suffix, 1
-            while os.path.exists(target):  # keep earlier evidence too
-                n += 1
-                target = f"{self.step_path(step)}{suffix}-{n}"
-            os.rename(self.step_path(step), target)
+            move_aside(self.step_path(step), suffix)
         _sync(f"t5g2-checkpoint-move-{step}")
         self.manager.reload()
 
@@ -440,11 +445,37 @@ def _sync(name: str) -> None:
 
 
 def interrupted_saves(directory: str) -> list[str]:
-    """Temporary step directories an interrupted save left behind."""
-    if not os.path.isdir(directory):
+    """Step directories an interrupted save left behind: orbax's temporary
+    `<step>.orbax-checkpoint-tmp-*`, and on gs://, where orbax writes a step in place and marks it
+    complete with a commit file, a `<step>` without that file."""
+    if not fs.is_dir(directory):
         return []
-    return sorted(os.path.join(directory, name) for name in os.listdir(directory)
-                  if _TMP_MARK in name)
+    names = fs.listdir(directory)
+    found = [name for name in names if _TMP_MARK in name]
+    if directory.startswith("gs://"):
+        found += [name for name in names if name.isdigit()
+                  and not fs.exists(fs.join(fs.join(directory, name), _COMMIT_FILE))]
+    return sorted(fs.join(directory, name) for name in found)
+
+
+def move_aside(step_dir: str, suffix: str) -> str:
+    """Renames a step directory to <step><suffix> (<step><suffix>-2, ... when that is taken: the
+    earlier evidence stays), where orbax no longer takes it for a step; returns the new path."""
+    target, n = step_dir + suffix, 1
+    while fs.exists(target):
+        n += 1
+        target = f"{step_dir}{suffix}-{n}"
+    fs.rename(step_dir, target)
+    return target
+
+
+def _gcs_client_installed() -> bool:
+    """Whether google-cloud-storage is importable (orbax reads a gs:// bucket's settings with it
+    when it lists the checkpoints, yet does not depend on it)."""
+    try:
+        return importlib.util.find_spec("google.cloud.storage") is not None
+    except ImportError:  # not even the google.cloud namespace
+        return False
 
 
 def check_compatible(saved_config: Mapping[str, Any], config: Mapping[str, Any], where: str,

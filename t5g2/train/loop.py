@@ -10,13 +10,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from typing import Any
 
 import jax
 import ml_collections
 
-from t5g2 import sharding
+from t5g2 import fs, sharding
 from t5g2.configlib import ConfigError
 from t5g2.data.synthetic import SyntheticCopySource
 from t5g2.model import ModelConfig
@@ -168,10 +167,10 @@ def start_state(config, model_cfg: ModelConfig, tx, mesh, shardings: TrainState,
             abstract_train_state(model_cfg, tx), shardings, config=config_json,
             step=config.checkpoint.restore_step, fallback=config.checkpoint.fallback)
     if restored is None:
-        previous = os.path.join(workdir, "config.json")
-        if os.path.isfile(previous):  # a run that stopped before its first checkpoint
-            with open(previous, encoding="utf-8") as f:
-                check_compatible(json.load(f), config_json, workdir, "its config.json")
+        previous = fs.join(workdir, "config.json")
+        if fs.is_file(previous):  # a run that stopped before its first checkpoint
+            check_compatible(json.loads(fs.read_text(previous)), config_json, workdir,
+                             "its config.json")
         state, origin = initial_train_state(config, model_cfg, tx, mesh, shardings)
     else:
         _restore_data_position(source, restored, config)
@@ -216,9 +215,8 @@ def _run(config, workdir, model_cfg, train_cfg, mesh, step_fn, source, checkpoin
                                                       train_cfg.decoder_length)
     step_tokens = train_cfg.batch_size * (train_cfg.encoder_length + train_cfg.decoder_length)
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        fs.makedirs(workdir)
+        fs.write_text(fs.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
         log.info("%s: %s parameters on mesh %s; peak %.3g FLOP/s per device (%s)", config.name,
                  f"{count_params(model_cfg):,}", sharding.describe(mesh), peak, peak_origin)
         log.info("starting at step %d from %s", start, origin)

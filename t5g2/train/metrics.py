@@ -5,10 +5,14 @@ TensorBoard event files are written without TensorFlow. tensorboard's `EventFile
 file through `tensorboard.compat.tf`, and that imports TensorFlow whenever it is installed, so this
 module writes the same records itself: `RecordWriter` (TFRecord framing, masked CRC32C) over a
 plain file, holding `event_pb2.Event` protos with `simple_value` scalar summaries.
+
+The workdir may be an object-store URL (gs://): files go through `t5g2.fs`, and since an object
+store cannot append, each report rewrites metrics.jsonl and the event file whole.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -24,6 +28,8 @@ import tqdm
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 
+from t5g2 import fs
+
 log = logging.getLogger(__name__)
 
 TENSORBOARD_DIR = "tensorboard"
@@ -37,7 +43,7 @@ def new_event_file_name(tb_dir: str) -> str:
     directory's event files in name order, so a resumed run's file must sort last. The stamp is
     a fixed-width nanosecond time, raised past the newest existing stamp if the clock disagrees
     (fixed width: "10" sorts before "9" in a variable-width counter)."""
-    stamps = [int(m.group(1)) for name in os.listdir(tb_dir)
+    stamps = [int(m.group(1)) for name in fs.listdir(tb_dir)
               if (m := re.match(re.escape(EVENT_FILE_PREFIX) + r"(\d{19})\.", name))]
     stamp = max([time.time_ns()] + [s + 1 for s in stamps])
     return f"{EVENT_FILE_PREFIX}{stamp:019d}.{socket.gethostname()}.{os.getpid()}"
@@ -98,10 +104,10 @@ def _postfix(metrics: Mapping[str, float]) -> str:
 def drop_lines_after(path: str, step: int) -> None:
     """Rewrites a metrics.jsonl without the lines of steps after `step`, and any unreadable line
     (atomically)."""
-    if not os.path.exists(path):
+    if not fs.exists(path):
         return
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
+    lines = io.StringIO(fs.read_text(path)).readlines()
+
     def keep(line: str) -> bool:  # a line cut short by a kill is dropped too
         try:
             return json.loads(line)["step"] <= step
@@ -111,9 +117,8 @@ def drop_lines_after(path: str, step: int) -> None:
     kept = [line for line in lines if keep(line)]
     if len(kept) == len(lines):
         return
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
+    fs.write_text(path + ".tmp", "".join(kept))
+    fs.replace(path + ".tmp", path)
     log.info("%s: dropped %d lines after step %d (trained again now)", path,
              len(lines) - len(kept), step)
 
@@ -142,18 +147,18 @@ class MetricsWriter:
         self.event_file: str | None = None
         if not self.active:
             return
-        tb_dir = os.path.join(workdir, TENSORBOARD_DIR)
-        os.makedirs(tb_dir, exist_ok=True)
-        self.event_file = os.path.join(tb_dir, new_event_file_name(tb_dir))
-        self._events = RecordWriter(open(self.event_file, "wb"))
+        tb_dir = fs.join(workdir, TENSORBOARD_DIR)
+        fs.makedirs(tb_dir)
+        self.event_file = fs.join(tb_dir, new_event_file_name(tb_dir))
+        self._events = RecordWriter(fs.open_appending(self.event_file, truncate=True))
         self._add_event(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
-        jsonl = os.path.join(workdir, JSONL_NAME)
+        jsonl = fs.join(workdir, JSONL_NAME)
         if initial_step > 0:
             self._add_event(event_pb2.Event(
                 wall_time=time.time(), step=initial_step + 1,
                 session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
             drop_lines_after(jsonl, initial_step)
-        self._jsonl = open(jsonl, "a", encoding="utf-8")
+        self._jsonl = fs.open_appending(jsonl)
         if progress is None:
             progress = sys.stdout.isatty()
         if progress:
@@ -181,7 +186,7 @@ class MetricsWriter:
             summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in values.items()])
         self._add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
 
-        self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self._jsonl.write((json.dumps({"step": step, **values}) + "\n").encode("utf-8"))
         self._jsonl.flush()
 
         if self._bar is not None:

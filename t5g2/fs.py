@@ -1,24 +1,32 @@
-"""Data files by local path or object-store URI (gs://, s3://, ...), through `etils.epath`, the
-filesystem layer grain and orbax use: glob expansion, a file's identity, whole-file and
-byte-range reads, atomic writes.
+"""Files by local path or object-store URI (gs://, s3://, ...), through `etils.epath`, the
+filesystem layer grain and orbax use: data files (glob expansion, a file's identity, whole-file
+and byte-range reads, atomic writes) and a run's workdir (directories, renames, appended files).
 
-Local paths keep the fast local calls (mmap, pread, os.replace); a URI with a scheme goes through
-`epath.Path`, so tests can swap the backend for a local fake (`etils.epath.testing.mock_epath`).
+Local paths keep the plain local calls (os, open, mmap, pread, os.replace); a URI with a scheme
+goes through `epath.Path`, so tests can swap the backend for a local fake
+(`etils.epath.testing.mock_epath`, see tests/fake_store.py). An object store cannot append to an
+object: `open_appending` rewrites it whole at each flush.
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
+import logging
 import os
+import shutil
 import threading
 import uuid
 
+# the local atomic write lives in corpus.py, which runs as a standard-library-only script
 from t5g2.data.corpus import write_atomically as _write_local_atomically
 
-__all__ = ["is_remote", "epath_of", "glob_files", "is_file", "is_dir", "identity", "mtime",
-           "size", "remove", "read_bytes", "open_whole", "RangeReader", "write_atomically",
-           "join"]
+__all__ = ["is_remote", "epath_of", "absolute", "join", "glob_files", "exists", "is_file",
+           "is_dir", "listdir", "makedirs", "rmtree", "rename", "replace", "identity", "mtime",
+           "size", "remove", "read_bytes", "read_text", "write_text", "open_whole", "RangeReader",
+           "write_atomically", "open_appending", "WholeObjectAppender"]
+
+log = logging.getLogger(__name__)
 
 _FINGERPRINT_BYTES = 1 << 16  # head and tail hashed into a file's identity
 
@@ -33,9 +41,19 @@ def epath_of(path: str):
     return epath.Path(path)
 
 
+def absolute(path: str) -> str:
+    """A local path made absolute; a URI as it is (os.path.abspath would make gs://b/x the local
+    path ./gs:/b/x)."""
+    return str(path) if is_remote(path) else os.path.abspath(path)
+
+
 def join(directory: str, name: str) -> str:
     return str(epath_of(directory) / name) if is_remote(directory) else os.path.join(directory,
                                                                                       name)
+
+
+def exists(path: str) -> bool:
+    return epath_of(path).exists() if is_remote(path) else os.path.exists(path)
 
 
 def is_file(path: str) -> bool:
@@ -47,6 +65,49 @@ def is_file(path: str) -> bool:
 
 def is_dir(path: str) -> bool:
     return epath_of(path).is_dir() if is_remote(path) else os.path.isdir(path)
+
+
+def listdir(directory: str) -> list[str]:
+    """The names in `directory`, in no particular order."""
+    if is_remote(directory):
+        return [p.name for p in epath_of(directory).iterdir()]
+    return os.listdir(directory)
+
+
+def makedirs(directory: str) -> None:
+    """Creates `directory` and its parents where missing."""
+    if is_remote(directory):
+        epath_of(directory).mkdir(parents=True, exist_ok=True)
+    else:
+        os.makedirs(directory, exist_ok=True)
+
+
+def rmtree(path: str) -> None:
+    """Removes a directory tree; a missing or partly removed one is no error (logged)."""
+    if not is_remote(path):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    try:
+        epath_of(path).rmtree(missing_ok=True)
+    except OSError as e:
+        log.warning("could not remove all of %s: %s", path, e)
+
+
+def rename(source: str, target: str) -> None:
+    """Renames a file or directory. On an object store a directory is renamed object by object
+    (a copy and a delete each): not atomic, and as slow as copying it."""
+    if is_remote(source):
+        epath_of(source).rename(target)
+    else:
+        os.rename(source, target)
+
+
+def replace(source: str, target: str) -> None:
+    """Renames the file `source` to `target`, replacing `target` if it exists."""
+    if is_remote(source):
+        epath_of(source).replace(target)
+    else:
+        os.replace(source, target)
 
 
 def glob_files(pattern: str) -> list[str]:
@@ -76,8 +137,8 @@ def identity(path: str) -> dict:
         if size > _FINGERPRINT_BYTES:
             tail = max(_FINGERPRINT_BYTES, size - _FINGERPRINT_BYTES)
             digest.update(reader.read(tail, size - tail))
-    return dict(path=str(path) if is_remote(path) else os.path.abspath(path), size=size,
-                mtime=mtime, fingerprint=digest.hexdigest()[:32])
+    return dict(path=absolute(path), size=size, mtime=mtime,
+                fingerprint=digest.hexdigest()[:32])
 
 
 def mtime(path: str) -> float:
@@ -101,6 +162,22 @@ def read_bytes(path: str) -> bytes:
         return epath_of(path).read_bytes()
     with open(path, "rb") as f:
         return f.read()
+
+
+def read_text(path: str) -> str:
+    if is_remote(path):
+        return epath_of(path).read_text(encoding="utf-8")
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def write_text(path: str, text: str) -> None:
+    """Writes `text` as UTF-8 to `path` in place (an object store replaces the object whole)."""
+    if is_remote(path):
+        epath_of(path).write_text(text, encoding="utf-8")
+    else:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
 
 
 class open_whole:
@@ -191,3 +268,47 @@ def write_atomically(path: str, data: bytes) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def open_appending(path: str, *, truncate: bool = False):
+    """A binary file whose writes append and whose `flush()` makes them durable: the local file
+    opened for appending (emptied first with `truncate`), or on an object store, which cannot
+    append, a `WholeObjectAppender` starting from the object's bytes."""
+    if not is_remote(path):
+        return open(path, "wb" if truncate else "ab")
+    return WholeObjectAppender(path, b"" if truncate or not exists(path) else read_bytes(path))
+
+
+class WholeObjectAppender:
+    """Appends to an object of an object store: the object's bytes stay in memory and each
+    `flush()` uploads them whole (as TensorFlow's GCS files do at each flush), so what was
+    flushed survives a kill. A flush costs an upload of the whole object so far."""
+
+    def __init__(self, path: str, initial: bytes = b""):
+        self.path = path
+        self._data = bytearray(initial)
+        self._unflushed = False
+        self.closed = False
+
+    def write(self, data: bytes) -> int:
+        if self.closed:
+            raise ValueError(f"{self.path} is closed")
+        self._data += data
+        self._unflushed = True
+        return len(data)
+
+    def flush(self) -> None:
+        if self._unflushed:
+            epath_of(self.path).write_bytes(bytes(self._data))
+            self._unflushed = False
+
+    def close(self) -> None:
+        if not self.closed:
+            self.flush()
+            self.closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
