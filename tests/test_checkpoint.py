@@ -460,6 +460,7 @@ def test_a_diverging_run_stops_saves_nothing_and_its_last_good_checkpoint_resume
         {s: m["loss"] for s, m in _logged(reference).items()}  # bitwise: steps 1-4
 
 
+@pytest.mark.slow  # skip's state is checked by test_train's overflow test; this is the loop's end
 def test_skipping_keeps_the_state_and_stops_after_max_skipped_in_a_row(tmp_path):
     from t5g2.train.divergence import DivergenceError
 
@@ -487,6 +488,26 @@ def test_skipping_keeps_the_state_and_stops_after_max_skipped_in_a_row(tmp_path)
     assert rates == [rates[0]] * 3 and rates[0] > logged[first - 1]["learning_rate"]
 
 
+def test_a_changed_schedule_is_logged_with_both_learning_rates(caplog):
+    """The warning itself, without a run: warmup 1, peak 3e-3 decaying by cosine to 10% at
+    train.steps; the checkpoint's schedule had steps=2 (fully decayed by update 2), the new one
+    steps=4, so update 2 is 0.5 (1 + cos(pi / 3)) of the way from the floor to the peak."""
+    from t5g2.train.config import TrainConfig
+
+    train_cfg = TrainConfig(batch_size=8, encoder_length=32, decoder_length=16, steps=4,
+                            learning_rate=3e-3, warmup_steps=1)
+    saved = dict(dataclasses.asdict(train_cfg), steps=2)
+    with caplog.at_level(logging.WARNING, logger="t5g2.train.loop"):
+        loop.warn_if_schedule_changed(saved, train_cfg, 2, "ckpt/2")
+        loop.warn_if_schedule_changed(dataclasses.asdict(train_cfg), train_cfg, 2, "ckpt/3")
+    now = 3e-4 + (3e-3 - 3e-4) * 0.5 * (1 + np.cos(np.pi / 3))
+    assert [r.getMessage() for r in caplog.records] == [
+        "the learning-rate schedule differs from the one ckpt/2 was trained with: train.steps "
+        f"2 -> 4; the next update (schedule step 2) uses learning rate {now:.4g}, 0.0003 under "
+        "the checkpoint's schedule"]
+
+
+@pytest.mark.slow  # the loop's end of it; test_a_changed_schedule_is_logged... runs by default
 def test_resuming_with_another_schedule_warns_with_both_learning_rates(tmp_path, caplog):
     config = _small_config(2)
     config.train.warmup_steps = 1
@@ -543,6 +564,7 @@ def test_sigterm_stops_within_a_step_of_the_one_running_whatever_log_every(tmp_p
     assert sorted(_logged(tmp_path)) == [1, result.step]  # the first step and the last
 
 
+@pytest.mark.slow  # the two-process lag test covers SIGUSR1 by default
 def test_sigusr1_saves_within_a_few_steps_whatever_log_every(tmp_path, monkeypatch):
     """SIGUSR1 once the device finished step 5: the request rides in the next batch fed (step 6
     or 7, or 8 if the loop was past its check) and is read back from that step's metrics once the

@@ -253,6 +253,7 @@ def test_two_processes_match_one(tmp_path, mesh, described):
     assert _final(resumed["process0"])["loss"] == pytest.approx(ref[-1]["loss"], abs=1e-5)
 
 
+@pytest.mark.slow  # test_two_processes_agree_on_signals_... covers both signals by default
 def test_signals_to_one_process_save_on_demand_and_stop_both_with_joint_checkpoints(tmp_path):
     """SIGUSR1 to process 0: both save one checkpoint and go on. SIGTERM to process 1: JAX's
     coordination service passes the preemption notice on; every process stops at the same step,

@@ -126,7 +126,7 @@ def test_chunked_loss_gives_the_same_loss_and_gradients():
         assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max() + 1e-7
 
 
-@pytest.mark.parametrize("mode", ["stop", "skip"])
+@pytest.mark.parametrize("mode", [pytest.param("stop", marks=pytest.mark.slow), "skip"])
 def test_an_update_that_overflows_is_flagged_and_skip_keeps_the_state(mode):
     """Finite loss and gradients, but an update past float32's range: the state the step returns
     is not finite, which is what `nonfinite` must say; "skip" returns the given state instead."""
