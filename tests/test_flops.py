@@ -33,6 +33,7 @@ from t5g2.model.flops import (batch_forward_flops, batch_train_flops, decoder_se
                               window_pairs)
 from t5g2.train.metrics import StepTimer, sum_over_processes
 from tests.reference import tiny_config
+from tests.test_metrics import FakeClock
 
 MODES = ("merged", "separate", "global_only")
 
@@ -339,16 +340,8 @@ def test_segment_lengths_rejects_bad_shapes():
 
 # ------------------------------------------------------------------ MFU over real tokens
 
-class _Clock:
-    def __init__(self):
-        self.now = 100.0
-
-    def __call__(self):
-        return self.now
-
-
 def test_step_timer_counts_the_flops_added_per_step():
-    clock = _Clock()
+    clock = FakeClock()
     timer = StepTimer(tokens_per_step=100, padded_flops_per_step=50.0, peak_flops_per_s=100.0,
                       clock=clock)
     timer.add_flops(1e6)  # the compiling step: dropped by start
@@ -378,7 +371,7 @@ def test_step_timer_sums_the_flops_of_all_processes():
         calls.append(value)
         return value + 2 * value
 
-    clock = _Clock()
+    clock = FakeClock()
     timer = StepTimer(tokens_per_step=100, peak_flops_per_s=60.0,
                       sum_across_processes=two_processes, clock=clock)
     assert timer.measure(1) == {} and calls == []  # no window: nothing to sum on any process
