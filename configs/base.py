@@ -107,6 +107,9 @@ def config(model_cfg, train_cfg, mesh_cfg, *, name):
     # Peak FLOP/s of one device for MFU; None: the device kind's published bf16 peak, or on
     # CPU a matmul measured at start.
     cfg.peak_flops_per_device = ml_collections.FieldReference(None, field_type=float)
+    # Multi-host: how long the other processes wait to see the marker process 0 writes into the
+    # workdir at start (t5g2/train/shared_workdir.py); a workdir not shared stops the run there.
+    cfg.shared_workdir_timeout_s = 60.0
     return cfg
 
 

@@ -14,6 +14,7 @@ environment, in this order:
 - Cloud TPU pod slices on GKE: TPU_WORKER_HOSTNAMES (more than one host) or
   MEGASCALE_COORDINATOR_ADDRESS (JAX reads the TPU metadata itself);
 - otherwise a single process: nothing to initialise.
+A missing or invalid variable is a ConfigError (launch scripts print it as one line).
 On CPU, cross-process collectives use gloo.
 """
 
@@ -25,6 +26,8 @@ import re
 
 import jax
 
+from t5g2.configlib import ConfigError
+
 log = logging.getLogger(__name__)
 
 KINDS = ("explicit", "slurm", "tpu", "single")
@@ -34,7 +37,7 @@ def cluster_kind(env=os.environ) -> str:
     forced = env.get("T5G2_CLUSTER", "").strip().lower()
     if forced and forced != "auto":
         if forced not in KINDS:
-            raise ValueError(f"T5G2_CLUSTER={env['T5G2_CLUSTER']!r}: valid are auto, "
+            raise ConfigError(f"T5G2_CLUSTER={env['T5G2_CLUSTER']!r}: valid are auto, "
                              + ", ".join(KINDS))
         return forced
     if env.get("T5G2_COORDINATOR_ADDRESS"):
@@ -67,7 +70,7 @@ def slurm_one_task_per_node(env=os.environ) -> dict | None:
         return None
     missing = [v for v in ("SLURM_PROCID", "SLURM_STEP_NODELIST") if v not in env]
     if missing:
-        raise ValueError(f"Slurm job with {ntasks} tasks but {', '.join(missing)} is not set: "
+        raise ConfigError(f"Slurm job with {ntasks} tasks but {', '.join(missing)} is not set: "
                          "start every task with srun (or set T5G2_CLUSTER=single)")
     port = env.get("JAX_COORDINATOR_PORT") or str(int(env["SLURM_JOB_ID"]) % 4096 + 61440)
     return dict(coordinator_address=f"{slurm_first_host(env['SLURM_STEP_NODELIST'])}:{port}",
@@ -85,7 +88,7 @@ def initialize(env=os.environ) -> str:
         missing = [v for v in ("T5G2_COORDINATOR_ADDRESS", "T5G2_NUM_PROCESSES",
                                "T5G2_PROCESS_ID") if not env.get(v)]
         if missing:
-            raise ValueError(f"explicit cluster: {', '.join(missing)} is not set (all of "
+            raise ConfigError(f"explicit cluster: {', '.join(missing)} is not set (all of "
                              "T5G2_COORDINATOR_ADDRESS, T5G2_NUM_PROCESSES, T5G2_PROCESS_ID are "
                              "needed)")
         # No auto-detection: inside a Slurm/MPI/Kubernetes environment JAX would otherwise still

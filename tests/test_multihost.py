@@ -24,6 +24,7 @@ import jax
 import pytest
 
 from t5g2 import distributed
+from t5g2.configlib import ConfigError
 from t5g2.train.preemption import PREEMPTED_EXIT_CODE
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,7 +72,7 @@ def test_cluster_kind(env, kind):
 
 
 def test_cluster_kind_rejects_an_unknown_override():
-    with pytest.raises(ValueError, match="T5G2_CLUSTER='gke'.*auto, explicit, slurm, tpu, single"):
+    with pytest.raises(ConfigError, match="T5G2_CLUSTER='gke'.*auto, explicit, slurm, tpu, single"):
         distributed.cluster_kind({"T5G2_CLUSTER": "gke"})
 
 
@@ -133,7 +134,7 @@ def test_initialize_arguments(monkeypatch, env, platforms, expected):
 ])
 def test_initialize_says_what_is_missing(monkeypatch, env, match):
     monkeypatch.setattr(distributed, "jax", _FakeJax("cpu"))
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigError, match=match):
         distributed.initialize(env)
 
 
@@ -234,6 +235,8 @@ def test_two_processes_match_one(tmp_path, mesh, described):
         out["process1"]
     assert f"{described} (8 devices)" in out["process0"]
     assert "starting at step 3 from checkpoint" in resumed["process0"]
+    assert "workdir %s is shared by all 2 processes" % multi in out["process1"]
+    assert not [f for f in os.listdir(multi) if f.startswith(".t5g2-shared")]  # markers removed
     assert (multi / "checkpoints" / "3" / "data" / "process_1-of-2.json").is_file()
     ref, got = _metrics(single), _metrics(multi)
     # process 1 reported nothing: one line per step (metrics.jsonl is appended to), one
@@ -251,6 +254,34 @@ def test_two_processes_match_one(tmp_path, mesh, described):
     # every process ends with the same (globally reduced) metrics
     assert _final(resumed["process1"])["loss"] == pytest.approx(ref[-1]["loss"], abs=1e-5)
     assert _final(resumed["process0"])["loss"] == pytest.approx(ref[-1]["loss"], abs=1e-5)
+
+
+def test_separate_workdirs_stop_both_processes_before_the_first_step(tmp_path):
+    """Each process given a workdir on "its own disk": both stop at start, exit 2 with the
+    error naming the host that cannot see process 0's marker and the path; nothing trained."""
+    cluster = dict(T5G2_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", T5G2_NUM_PROCESSES="2")
+    workdirs = [tmp_path / "host0" / "run", tmp_path / "host1" / "run"]
+    with _killed_at_exit() as procs:
+        for i, workdir in enumerate(workdirs):
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "launch.train", *TRAIN_FLAGS, "--workdir", str(workdir),
+                 "--config.shared_workdir_timeout_s=2"], cwd=REPO,
+                env=_env(1, **cluster, T5G2_PROCESS_ID=str(i)), stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, text=True))
+        outputs = [p.communicate(timeout=TIMEOUT_S) for p in procs]
+    codes = [p.returncode for p in procs]
+    assert codes == [2, 2], outputs
+    for i, (stdout, stderr) in enumerate(outputs):  # each names the path as it was given it
+        errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1, stderr[-3000:]
+        assert errors[0].startswith(f"error: workdir {workdirs[i]} is not shared by all "
+                                    f"processes: process 1 on host {socket.gethostname()} "
+                                    f"cannot see {workdirs[i]}/.t5g2-shared-workdir-"), errors[0]
+        assert "gs://bucket/run" in errors[0]
+        assert "step 1" not in stdout + stderr and "Traceback" not in stderr
+    assert not (workdirs[1]).exists()  # process 1 created nothing
+    assert not (workdirs[0] / "checkpoints").exists()
+    assert not (workdirs[0] / "metrics.jsonl").exists()
 
 
 @pytest.mark.slow  # test_two_processes_agree_on_signals_... covers both signals by default

@@ -27,6 +27,7 @@ from t5g2.train.divergence import NonFiniteGuard
 from t5g2.train.metrics import MetricsWriter, StepTimer, sum_over_processes
 from t5g2.train.optimizer import learning_rate_schedule, make_optimizer
 from t5g2.train.peak import peak_flops_per_device
+from t5g2.train.shared_workdir import check_shared_workdir
 from t5g2.train.preemption import PreemptionWatch
 from t5g2.train.state import TrainState, abstract_train_state, state_shardings
 from t5g2.train.step import make_train_step, optimizer_count
@@ -123,6 +124,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     sharding.check_model_fits_mesh(model_cfg, mesh)
     sharding.check_batch_fits_mesh(train_cfg.microbatch_size, mesh)
     sharding.host_local_batch_size(train_cfg.batch_size)
+    check_shared_workdir(workdir, config.shared_workdir_timeout_s)
 
     tx, schedule = make_optimizer(train_cfg)
     shardings = state_shardings(model_cfg, tx, mesh)
