@@ -6,6 +6,12 @@ Local paths keep the plain local calls (os, open, mmap, pread, os.replace); a UR
 goes through `epath.Path`, so tests can swap the backend for a local fake
 (`etils.epath.testing.mock_epath`, see tests/fake_store.py). An object store cannot append to an
 object: `open_appending` rewrites it whole at each flush.
+
+gs:// goes through gcsfs (etils' fsspec backend) in every library of the process that uses
+etils.epath (this module, orbax, grain), not through tf.io.gfile, which etils would pick because
+TensorFlow is installed (seqio needs it): one GCS client, declared in requirements.txt, which can
+be pointed at a local GCS server in tests (tf.io.gfile's GCS endpoint cannot). Importing this
+module sets EPATH_USE_TF=false unless the environment sets it.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ __all__ = ["is_remote", "epath_of", "absolute", "join", "glob_files", "exists", 
            "write_atomically", "open_appending", "WholeObjectAppender"]
 
 log = logging.getLogger(__name__)
+
+os.environ.setdefault("EPATH_USE_TF", "false")  # gs:// through gcsfs (see above)
 
 _FINGERPRINT_BYTES = 1 << 16  # head and tail hashed into a file's identity
 
@@ -68,14 +76,19 @@ def is_dir(path: str) -> bool:
 
 
 def listdir(directory: str) -> list[str]:
-    """The names in `directory`, in no particular order."""
+    """The names in `directory`, in no particular order. On an object store a directory exists
+    only through the objects under it, so one `makedirs` made and nothing filled lists empty."""
     if is_remote(directory):
-        return [p.name for p in epath_of(directory).iterdir()]
+        try:
+            return [p.name for p in epath_of(directory).iterdir()]
+        except FileNotFoundError:
+            return []
     return os.listdir(directory)
 
 
 def makedirs(directory: str) -> None:
-    """Creates `directory` and its parents where missing."""
+    """Creates `directory` and its parents where missing (on an object store, which has no
+    directories of their own, usually nothing)."""
     if is_remote(directory):
         epath_of(directory).mkdir(parents=True, exist_ok=True)
     else:

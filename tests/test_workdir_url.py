@@ -1,11 +1,15 @@
-"""A workdir given as an object-store URL (gs://) goes through `t5g2.fs` (etils.epath), served
-here by a local fake bucket (tests/fake_store.py): a launch.train run writes config.json,
-metrics.jsonl and TensorBoard files into the bucket and nothing into a local `gs:` directory; a
-resumed metrics writer continues there; the checkpoint directory's own operations (finding
-interrupted saves, moving a checkpoint aside, removing one) work on it.
+"""A workdir given as an object-store URL (gs://).
 
-Not shown here: orbax writes a checkpoint's arrays to gs:// through tensorstore's own GCS
-driver, which this fake cannot serve, so checkpoints in a bucket are left to orbax/tensorstore.
+End to end against a local Cloud Storage server (tests/fake_gcs.py) that the real clients talk
+to over HTTP (tensorstore's gcs driver, google-cloud-storage, gcsfs under etils.epath): a
+launch.train run checkpoints into the bucket, the same command with more steps resumes from it
+exactly as an uninterrupted local run, and launch.export reads it; nothing goes to a local `gs:`
+directory or to Google.
+
+Checked there too: the checkpoint directory's own operations (finding interrupted saves, moving
+a checkpoint aside) and t5g2.fs's writes through gcsfs. The other tests serve gs:// from a local
+directory through etils' mock backend (tests/fake_store.py), in the test process: a workdir of
+another model refused, a resumed metrics writer, the directory operations' calls.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from t5g2 import fs
@@ -22,6 +27,7 @@ from t5g2.train import checkpoint
 from t5g2.train.checkpoint import Checkpointer, CheckpointError, interrupted_saves, move_aside
 from t5g2.train.metrics import MetricsWriter
 from tests import fake_store
+from tests.fake_gcs import FakeGcs
 from tests.test_metrics import read_scalars
 from tests.test_multihost import REPO, _env
 
@@ -39,50 +45,18 @@ def fake_gcs(tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / "gs:")
 
 
-_LAUNCH_WITH_FAKE_GCS = """
-import sys
-from tests.fake_store import fake_gcs
-with fake_gcs(sys.argv[1]):
-    from launch import cli, train
-    sys.argv = ["launch.train", *sys.argv[2:]]
-    cli.run(train.main)
-"""
-
 RUN_FLAGS = (
     "--config", os.path.join(str(REPO), "configs", "tiny.py"), "--config.data.source=synthetic",
-    "--config.train.steps=2", "--config.train.log_every=1",
+    "--config.train.log_every=1",
     "--config.train.encoder_length=32", "--config.train.decoder_length=16",
     "--config.model.encoder.num_layers=2", "--config.model.decoder.num_layers=2",
-    "--config.peak_flops_per_device=1e9", "--config.checkpoint.enabled=false",
+    "--config.peak_flops_per_device=1e9", "--config.checkpoint.every=1",
 )
 
 
 def _jsonl(path: str) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f]
-
-
-def test_launch_train_writes_the_run_into_the_bucket(tmp_path):
-    root = str(tmp_path / "gcs")
-    proc = subprocess.run(
-        [sys.executable, "-c", _LAUNCH_WITH_FAKE_GCS, root, *RUN_FLAGS,
-         "--workdir", "gs://bucket/run"],
-        cwd=tmp_path, env=_env(1, PYTHONPATH=str(REPO)), capture_output=True, text=True,
-        timeout=300)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-4000:]
-    assert not os.path.exists(tmp_path / "gs:"), "the URL was taken for a local path"
-    assert "workdir      gs://bucket/run\n" in proc.stdout
-    assert "metrics      gs://bucket/run/metrics.jsonl\n" in proc.stdout
-
-    run = os.path.join(root, "bucket", "run")
-    saved = json.loads(open(os.path.join(run, "config.json"), encoding="utf-8").read())
-    assert saved["train"]["steps"] == 2 and saved["checkpoint"]["enabled"] is False
-    logged = _jsonl(os.path.join(run, "metrics.jsonl"))
-    assert [m["step"] for m in logged] == [1, 2]
-    assert read_scalars(os.path.join(run, "tensorboard"))["loss"] == [
-        (m["step"], pytest.approx(m["loss"])) for m in logged]
-    assert not os.path.exists(os.path.join(run, "checkpoints"))
 
 
 def test_a_workdir_in_the_bucket_of_another_model_is_refused(fake_gcs):
@@ -172,3 +146,209 @@ def test_checkpoints_in_a_bucket_without_the_gcs_client_are_refused_at_start(fak
                                               r"google-cloud-storage package.*pip install"):
         Checkpointer("gs://bucket/run")
     assert not os.path.exists(root)
+
+
+def _compilation_cache(tmp_path) -> dict[str, str]:
+    """JAX's persistent compilation cache, so that the runs after the first reuse its programs."""
+    return dict(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def _launch(module: str, flags, cwd, env) -> str:
+    proc = subprocess.run([sys.executable, "-m", module, *flags], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    return output
+
+
+def test_a_run_in_a_bucket_checkpoints_resumes_and_exports(tmp_path):
+    """launch.train with --workdir gs://bucket/run against a local GCS server: 2 steps, then
+    the same command with 3 steps resumes from the bucket's checkpoint (past a save interrupted
+    in the bucket) with the losses and weights of an uninterrupted 3-step local run, and
+    launch.export writes the same Hugging Face files from the bucket as from the local run."""
+    from safetensors.numpy import load_file
+
+    work = tmp_path / "cwd"  # the processes' working directory: a URL taken for a path lands here
+    (tmp_path / "gcloud").mkdir()
+    work.mkdir()
+    local, remote = str(tmp_path / "local"), "gs://bucket/run"
+    base = _env(1, PYTHONPATH=str(REPO), **_compilation_cache(tmp_path))
+    _launch("launch.train", [*RUN_FLAGS, "--config.train.steps=3", "--workdir", local], work, base)
+    with FakeGcs() as gcs:
+        env = gcs.env(base, str(tmp_path / "gcloud"))
+        keep = "--config.checkpoint.keep=1"  # orbax removes the older checkpoints in the bucket
+        first = _launch("launch.train", [*RUN_FLAGS, "--config.train.steps=2", keep,
+                                         "--workdir", remote], work, env)
+        saved = gcs.objects("bucket", "run/")
+        # a complete checkpoint, its arrays written by tensorstore; step 1's removed
+        assert "run/checkpoints/2/commit_success.txt" in saved
+        assert "run/checkpoints/2/params/manifest.ocdbt" in saved
+        assert "run/checkpoints/2/data/process_0-of-1.json" in saved
+        assert not [name for name in saved if name.startswith("run/checkpoints/1/")]
+        assert {"run/config.json", "run/metrics.jsonl"} <= saved.keys()
+        assert json.loads(saved["run/config.json"])["train"]["steps"] == 2
+        leftover = "run/checkpoints/3/params/ocdbt.process_0/d/0123"  # of a save killed midway
+        gcs.put("bucket", leftover, b"partial")
+
+        resumed = _launch("launch.train", [*RUN_FLAGS, "--config.train.steps=3", keep,
+                                           "--workdir", remote], work, env)
+        hf = str(tmp_path / "hf")
+        exported = _launch("launch.export", ["--workdir", remote, "--out", hf], work, env)
+        bucket = gcs.objects("bucket", "run/")
+        gcs.copy_out("bucket", "run/tensorboard/", str(tmp_path / "tensorboard"))
+        requests = gcs.requests
+
+    assert "workdir      gs://bucket/run\n" in first
+    assert "metrics      gs://bucket/run/metrics.jsonl\n" in first
+    assert "starting at step 2 from checkpoint gs://bucket/run/checkpoints/2" in resumed
+    assert "found gs://bucket/run/checkpoints/3: a save was interrupted" in resumed
+    assert leftover not in bucket  # removed; step 3 saved anew
+    assert "run/checkpoints/3/commit_success.txt" in bucket
+    assert sorted({name.split("/")[2] for name in bucket if name.startswith("run/checkpoints/")}
+                  ) == ["3"]
+    assert "exported step 3 to" in exported
+
+    # exact resume: the losses and weights of the uninterrupted local run
+    logged = [json.loads(line) for line in bucket["run/metrics.jsonl"].decode().splitlines()]
+    reference = _jsonl(os.path.join(local, "metrics.jsonl"))
+    assert [(m["step"], m["loss"], m["grad_norm"]) for m in logged] == [
+        (m["step"], m["loss"], m["grad_norm"]) for m in reference]
+    assert read_scalars(str(tmp_path / "tensorboard"))["loss"] == [
+        (m["step"], pytest.approx(m["loss"])) for m in logged]
+    local_hf = str(tmp_path / "local_hf")
+    _launch("launch.export", ["--workdir", local, "--out", local_hf], work, base)
+    weights, reference_weights = (load_file(os.path.join(d, "model.safetensors"))
+                                  for d in (hf, local_hf))
+    assert weights.keys() == reference_weights.keys() and len(weights) > 10
+    for name, value in reference_weights.items():
+        np.testing.assert_array_equal(weights[name], value, err_msg=name)
+    with open(os.path.join(hf, "config.json"), "rb") as a, \
+            open(os.path.join(local_hf, "config.json"), "rb") as b:
+        assert a.read() == b.read()
+
+    # nothing local, nothing elsewhere: every client reached this server, for calls it knows
+    assert not [os.path.join(d, n) for d, dirs, files in os.walk(tmp_path) for n in dirs + files
+                if n.startswith("gs:")]
+    agents = {r.user_agent.split("/")[0] for r in requests}
+    assert {"tensorstore", "python-gcsfs", "gcloud-python"} <= agents, agents
+    assert any(r.method == "POST" and r.path.startswith("/upload/") and
+               r.user_agent.startswith("tensorstore") for r in requests)
+    assert [r for r in requests if r.status == 501] == []
+
+
+_DIRECTORY_OPERATIONS = """
+import json
+from t5g2 import fs
+from t5g2.train.checkpoint import interrupted_saves, move_aside
+run = "gs://bucket/run"
+directory = run + "/checkpoints"
+out = dict(before=[fs.listdir(directory), interrupted_saves(directory)])
+fs.makedirs(directory)
+out["made"] = fs.listdir(directory)
+for name, committed in (("1", True), ("2", True), ("3", False)):
+    fs.write_text(f"{directory}/{name}/params/x", name)
+    if committed:
+        fs.write_text(f"{directory}/{name}/commit_success.txt", "done")
+out["interrupted"] = interrupted_saves(directory)
+out["moved"] = [move_aside(f"{directory}/2", ".corrupt")]
+fs.write_text(f"{directory}/2/params/x", "2 again")
+fs.write_text(f"{directory}/2/commit_success.txt", "done")
+out["moved"] += [move_aside(f"{directory}/2", ".corrupt"),
+                 move_aside(f"{directory}/1", ".superseded")]
+for path in interrupted_saves(directory):
+    fs.rmtree(path)
+out["listed"] = sorted(fs.listdir(directory))
+fs.write_atomically(run + "/a.json", b"{}")
+for lines in ((b"1\\n", b"2\\n"), (b"3\\n",)):
+    with fs.open_appending(run + "/m.jsonl") as f:
+        for line in lines:
+            f.write(line)
+            f.flush()
+out["appended"] = fs.read_text(run + "/m.jsonl")
+fs.write_text(run + "/m.tmp", "0\\n")
+fs.replace(run + "/m.tmp", run + "/m.jsonl")
+print(json.dumps(out))
+"""
+
+
+def test_checkpoint_directory_operations_on_the_gcs_server(tmp_path):
+    """What `t5g2.fs` and the checkpoint directory do through the real gs:// client (gcsfs): a
+    made, empty directory lists empty, an uncommitted step is an interrupted save and is
+    removed, step directories are moved aside object by object (a taken name kept), files are
+    written atomically, appended to and replaced."""
+    (tmp_path / "gcloud").mkdir()
+    with FakeGcs() as gcs:
+        proc = subprocess.run([sys.executable, "-c", _DIRECTORY_OPERATIONS], cwd=tmp_path,
+                              env=gcs.env(_env(1, PYTHONPATH=str(REPO)),
+                                          str(tmp_path / "gcloud")),
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        bucket = gcs.objects("bucket")
+        requests = gcs.requests
+    out = json.loads(proc.stdout.splitlines()[-1])
+    directory = "gs://bucket/run/checkpoints"
+    assert out["before"] == [[], []] and out["made"] == []
+    assert out["interrupted"] == [f"{directory}/3"]
+    assert out["moved"] == [f"{directory}/2.corrupt", f"{directory}/2.corrupt-2",
+                            f"{directory}/1.superseded"]
+    assert out["listed"] == ["1.superseded", "2.corrupt", "2.corrupt-2"]
+    assert out["appended"] == "1\n2\n3\n"
+    assert bucket == {
+        "run/checkpoints/1.superseded/params/x": b"1",
+        "run/checkpoints/1.superseded/commit_success.txt": b"done",
+        "run/checkpoints/2.corrupt/params/x": b"2",
+        "run/checkpoints/2.corrupt/commit_success.txt": b"done",
+        "run/checkpoints/2.corrupt-2/params/x": b"2 again",
+        "run/checkpoints/2.corrupt-2/commit_success.txt": b"done",
+        "run/a.json": b"{}", "run/m.jsonl": b"0\n"}, sorted(bucket)
+    assert not os.path.exists(tmp_path / "gs:")
+    assert [r for r in requests if r.status == 501] == []
+
+
+def test_the_fake_gcs_server_answers_as_cloud_storage():
+    """The server the tests above rely on, by plain HTTP: conditional inserts (412 when the
+    generation does not match), conditional reads (304), byte ranges (206), listing by
+    delimiter with pages; an unknown call is a 501 it records."""
+    import urllib.error
+    import urllib.request
+
+    def call(method, path, data=None, headers=None):
+        request = urllib.request.Request(gcs.url + path, data=data, method=method,
+                                         headers=headers or {})
+        try:
+            with urllib.request.urlopen(request) as response:
+                return response.status, dict(response.headers), response.read()
+        except urllib.error.HTTPError as e:
+            return e.code, dict(e.headers), e.read()
+
+    def insert(name, data, if_generation_match):
+        return call("POST", "/upload/storage/v1/b/bucket/o?uploadType=media&name="
+                    f"{name}&ifGenerationMatch={if_generation_match}", data)
+
+    with FakeGcs() as gcs:
+        status, _, body = insert("a%2Fb.txt", b"0123456789", 0)
+        assert status == 200
+        generation = json.loads(body)["generation"]
+        assert insert("a%2Fb.txt", b"again", 0)[0] == 412
+        assert insert("a%2Fb.txt", b"again", int(generation) + 1)[0] == 412
+        media = "/storage/v1/b/bucket/o/a%2Fb.txt?alt=media"
+        assert call("GET", f"{media}&ifGenerationNotMatch={generation}")[0] == 304
+        status, headers, body = call("GET", media, headers={"Range": "bytes=2-4"})
+        assert (status, body, headers["x-goog-generation"]) == (206, b"234", generation)
+        assert headers["Content-Range"] == "bytes 2-4/10"
+        assert insert("a%2Fc%2Fd", b"x", 0)[0] == insert("z", b"x", 0)[0] == 200
+        _, _, body = call("GET", "/storage/v1/b/bucket/o?prefix=a%2F&delimiter=%2F&maxResults=1")
+        page = json.loads(body)
+        assert [i["name"] for i in page["items"]] == ["a/b.txt"] and page["prefixes"] == []
+        _, _, body = call("GET", "/storage/v1/b/bucket/o?prefix=a%2F&delimiter=%2F&pageToken="
+                          + page["nextPageToken"])
+        assert json.loads(body)["prefixes"] == ["a/c/"] and "nextPageToken" not in \
+            json.loads(body)
+        assert call("DELETE", f"/storage/v1/b/bucket/o/z?ifGenerationMatch={generation}")[0] \
+            == 412
+        assert call("DELETE", "/storage/v1/b/bucket/o/z")[0] == 204
+        assert call("PATCH", "/storage/v1/b/bucket/o/a%2Fb.txt", b"{}")[0] == 501
+        assert sorted(gcs.objects("bucket")) == ["a/b.txt", "a/c/d"]
+        assert gcs.requests[-1][:2] == ("PATCH", "/storage/v1/b/bucket/o/a%2Fb.txt")

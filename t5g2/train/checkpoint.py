@@ -15,7 +15,8 @@ a crash during a save leaves the earlier checkpoints intact; the leftover is rep
 The fingerprints (a position-weighted wrapping sum of each array's bits) make a corrupted or
 truncated array an error rather than silently wrong weights.
 The workdir may be an object-store URL: the directory operations here go through `t5g2.fs`, the
-arrays through orbax and tensorstore (their gs:// writes are not exercised by this project's tests).
+arrays through orbax and tensorstore's own GCS driver, and orbax reads a gs:// bucket's settings
+with google-cloud-storage (tests/test_workdir_url.py runs all three against a local GCS server).
 """
 
 from __future__ import annotations
