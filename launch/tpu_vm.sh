@@ -61,7 +61,7 @@
 #   PYTHON_VERSION   the Python uv installs (default 3.11); UV: uv's requirement (uv==0.13.8)
 #   PYTHON           use this interpreter (>= 3.11, already on the workers) with venv + pip, no uv
 #   JAX_TPU          the TPU runtime requirement (default jax[tpu], version from requirements-lock)
-#   EXTRA_PACKAGES   more requirements (default google-cloud-storage: orbax's gs:// checkpoints)
+#   EXTRA_PACKAGES   more requirements to install beside requirements.txt (default: none)
 #  stop / logs:
 #   STOP_TIMEOUT     seconds each worker waits for Python to exit after SIGTERM (default 600)
 #   LOG_LINES        lines per worker for `logs` (default 50)
@@ -91,7 +91,7 @@ LOG_LINES=${LOG_LINES:-50}
 PYTHON_VERSION=${PYTHON_VERSION:-3.11}
 UV=${UV:-uv==0.13.8}
 JAX_TPU=${JAX_TPU:-jax[tpu]}
-EXTRA_PACKAGES=${EXTRA_PACKAGES-google-cloud-storage}
+EXTRA_PACKAGES=${EXTRA_PACKAGES:-}
 PASS_ENV=${PASS_ENV:-LIBTPU_INIT_ARGS XLA_FLAGS TPU_STDERR_LOG_LEVEL TPU_MIN_LOG_LEVEL TF_CPP_MIN_LOG_LEVEL JAX_COMPILATION_CACHE_DIR}
 
 mode=run

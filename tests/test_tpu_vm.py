@@ -207,7 +207,7 @@ def test_setup_builds_a_python_311_venv_with_uv_and_the_lock_file(tmp_path):
         "python3 -m pip install -q --user uv==0.13.8",
         "python3 -m uv venv -q --python 3.11 --python-preference only-managed .venv",
         "python3 -m uv pip install -q --python .venv/bin/python -r requirements.txt jax[tpu] "
-        "google-cloud-storage -c requirements-lock.txt"]
+        "-c requirements-lock.txt"]
     # Again: uv and a venv >= 3.11 are there, so only the (no-op) install runs.
     (home / "calls").unlink()
     assert _on_worker(home, _command(setup)).returncode == 0
