@@ -15,9 +15,10 @@ its host's chips or GPUs. What the manifest carries:
 - jax.distributed: TPU pods get what GKE injects (TPU_WORKER_HOSTNAMES, MEGASCALE_*); GPU pods
   the explicit T5G2_* variables (t5g2/distributed.py), with pod 0's DNS name in the JobSet's
   network as the coordinator;
-- the workdir: a volume every pod mounts at `--mount-path` (a bucket through the GCS FUSE CSI
-  driver, or a ReadWriteMany PersistentVolumeClaim), so a restarted JobSet resumes from the
-  latest checkpoint;
+- the workdir, shared by every pod and outliving them, so a restarted JobSet resumes from the
+  latest checkpoint: a gs:// URL the pods write themselves, or a path on a volume every pod
+  mounts at `--mount-path` (a bucket through the GCS FUSE CSI driver, or a ReadWriteMany
+  PersistentVolumeClaim), which can also hold the inputs;
 - failures (`pod_failure_policy`, `jobset_failure_policy`): a configuration error (t5g2's exit
   status 2) fails the JobSet at once; a preemption (exit 143 after the SIGTERM checkpoint, or a
   pod disrupted by node loss, maintenance or eviction) recreates every pod, as often as it
@@ -187,20 +188,29 @@ def check(run: Run) -> TpuSlice | None:
     for field, value in (("--image", run.image), ("--config", run.config)):
         if not value:
             raise ConfigError(f"{field} is required")
-    if (run.bucket is None) == (run.pvc is None):
-        raise ConfigError("give the workdir's volume: --bucket BUCKET (Cloud Storage FUSE) or "
-                          "--pvc CLAIM (a ReadWriteMany PersistentVolumeClaim), one of them")
-    if "://" in run.workdir:
-        raise ConfigError(f"--workdir={run.workdir}: the pods see the bucket mounted at "
-                          f"--mount-path ({run.mount_path}); give a path under it, e.g. "
-                          f"{run.mount_path}/runs/{run.name}")
-    mount = posixpath.normpath(run.mount_path)
-    workdir = posixpath.normpath(run.workdir)
-    if not mount.startswith("/") or mount == "/" or not (
-            workdir == mount or workdir.startswith(mount + "/")):
-        raise ConfigError(f"--workdir={run.workdir} is not under --mount-path={run.mount_path} "
-                          "(an absolute directory other than /): only the mounted volume is "
-                          "shared by the pods and outlives them")
+    if run.bucket is not None and run.pvc is not None:
+        raise ConfigError("--bucket and --pvc: give one volume")
+    if run.bucket is not None or run.pvc is not None:
+        if not run.mount_path.startswith("/") or posixpath.normpath(run.mount_path) == "/":
+            raise ConfigError(f"--mount-path={run.mount_path}: an absolute directory other "
+                              "than /")
+    if run.workdir.startswith("gs://"):
+        pass  # the pods write the bucket themselves (t5g2/fs.py, orbax): no volume needed
+    elif "://" in run.workdir:
+        raise ConfigError(f"--workdir={run.workdir}: the pods reach gs:// URLs only; or give a "
+                          f"path under the mounted volume, e.g. {run.mount_path}/runs/{run.name}")
+    else:
+        if run.bucket is None and run.pvc is None:
+            raise ConfigError("a --workdir path needs a volume every pod mounts: --bucket BUCKET"
+                              " (Cloud Storage FUSE) or --pvc CLAIM (a ReadWriteMany "
+                              "PersistentVolumeClaim); or give a gs://BUCKET/... workdir")
+        mount = posixpath.normpath(run.mount_path)
+        workdir = posixpath.normpath(run.workdir)
+        if not workdir.startswith("/") or not (workdir == mount or
+                                               workdir.startswith(mount + "/")):
+            raise ConfigError(f"--workdir={run.workdir} is not under --mount-path="
+                              f"{run.mount_path}: only the mounted volume is shared by the pods "
+                              "and outlives them")
     for field, value in (("--grace-period", run.grace_period_s),
                          ("--max-restarts", run.max_restarts)):
         if value < 0:
@@ -289,8 +299,11 @@ def jobset_failure_policy(max_restarts: int) -> dict:
     }
 
 
-def workdir_volume(run: Run) -> tuple[dict, dict]:
-    """The workdir volume and the pod annotations it needs."""
+def workdir_volume(run: Run) -> tuple[dict | None, dict]:
+    """The shared volume (the workdir's, unless that is a gs:// URL; inputs may live there too)
+    and the pod annotations it needs; (None, {}) without one."""
+    if run.bucket is None and run.pvc is None:
+        return None, {}
     if run.pvc is not None:
         return {"name": "workdir", "persistentVolumeClaim": {"claimName": run.pvc}}, {}
     attributes = {"bucketName": run.bucket, "mountOptions": run.gcsfuse_mount_options}
@@ -355,8 +368,8 @@ def render(run: Run) -> list[dict]:
         "env": environment(run),
         "ports": [{"containerPort": p} for p in ports],
         "resources": {"limits": resources},
-        "volumeMounts": [{"name": "workdir", "mountPath": run.mount_path},
-                         {"name": "dshm", "mountPath": "/dev/shm"}],
+        "volumeMounts": ([{"name": "workdir", "mountPath": run.mount_path}] if volume else [])
+        + [{"name": "dshm", "mountPath": "/dev/shm"}],
     }
     pod_spec = {
         "restartPolicy": "Never",
@@ -364,7 +377,7 @@ def render(run: Run) -> list[dict]:
         "terminationGracePeriodSeconds": run.grace_period_s,
         "nodeSelector": selector,
         "containers": [container],
-        "volumes": [volume, {"name": "dshm", "emptyDir": shm}],
+        "volumes": ([volume] if volume else []) + [{"name": "dshm", "emptyDir": shm}],
     }
     if run.service_account:
         pod_spec["serviceAccountName"] = run.service_account
@@ -414,7 +427,8 @@ def parse(argv: Sequence[str]) -> tuple[Run, str | None]:
     p.add_argument("--image", required=True, help="container image built from ./Dockerfile")
     p.add_argument("--config", required=True, help="config file inside the image, e.g. "
                    "configs/t5g2_270m.py")
-    p.add_argument("--workdir", required=True, help="run directory under --mount-path")
+    p.add_argument("--workdir", required=True, help="run directory: a gs:// URL, or a path "
+                   "under --mount-path")
     p.add_argument("--mount-path", default="/data", help="where the volume is mounted")
     volume = p.add_mutually_exclusive_group()
     volume.add_argument("--bucket", help="Cloud Storage bucket mounted with GCS FUSE "

@@ -177,11 +177,13 @@ def test_an_impossible_tpu_slice_is_one_clear_error(accelerator, topology, messa
 
 @pytest.mark.parametrize("run, message", [
     (_run("tpu", tpu_topology="2x2x1", slices=2), "multi-slice needs multi-host slices"),
-    (_run(bucket=None), "--bucket BUCKET (Cloud Storage FUSE) or --pvc CLAIM"),
-    (_run(pvc="claim"), "--bucket BUCKET (Cloud Storage FUSE) or --pvc CLAIM"),
+    (_run(bucket=None), "a --workdir path needs a volume every pod mounts: --bucket BUCKET"),
+    (_run(pvc="claim"), "--bucket and --pvc: give one volume"),
     (_run(workdir="/tmp/run"), "--workdir=/tmp/run is not under --mount-path=/data"),
     (_run(workdir="/database/run"), "is not under --mount-path=/data"),
-    (_run(workdir="gs://my-bucket/run"), "give a path under it, e.g. /data/runs/t5g2-run"),
+    (_run(workdir="s3://my-bucket/run"), "the pods reach gs:// URLs only"),
+    (_run(workdir="runs/a"), "--workdir=runs/a is not under --mount-path=/data"),
+    (_run(mount_path="/", workdir="/runs/a"), "--mount-path=/: an absolute directory"),
     (_run(name="T5G2_run"), "--name='T5G2_run': lower-case letters"),
     (_run(name="a" * 49), "pod names such as " + "a" * 49 + "-node-0-0-xxxxx must stay"),
     (_run(gpus_per_node=3), "--gpus-per-node=3"),
@@ -277,6 +279,15 @@ def test_the_workdir_is_a_bucket_mounted_with_gcs_fuse_or_a_claim(validator, tar
     assert volumes["workdir"] == {"name": "workdir",
                                   "persistentVolumeClaim": {"claimName": "shared-runs"}}
     assert "gke-gcsfuse/volumes" not in _job(claim)["template"]["metadata"]["annotations"]
+
+    # a gs:// workdir: the pods write the bucket themselves, no volume is needed
+    url = _render(_run(target, bucket=None, workdir="gs://my-bucket/runs/a"))
+    assert _errors(validator, url) == []
+    assert [v["name"] for v in _pod(url)["volumes"]] == ["dshm"]
+    assert [m["name"] for m in _container(url)["volumeMounts"]] == ["dshm"]
+    assert "gke-gcsfuse/volumes" not in _job(url)["template"]["metadata"]["annotations"]
+    assert _container(url)["command"][_container(url)["command"].index("--workdir") + 1] == \
+        "gs://my-bucket/runs/a"
 
 
 # ------------------------------------------------------------ the controllers' decisions
