@@ -10,7 +10,26 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
 import pytest  # noqa: E402
+
+# The many short `launch.train` subprocesses of one test session compile the same small programs:
+# they share JAX's persistent compilation cache in this directory (tests/test_multihost.py `_env`
+# passes it on). Made by the session's first process; xdist workers inherit the variable.
+COMPILATION_CACHE_VAR = "T5G2_TEST_COMPILATION_CACHE"
+
+
+def pytest_configure(config):
+    if COMPILATION_CACHE_VAR not in os.environ:
+        os.environ[COMPILATION_CACHE_VAR] = tempfile.mkdtemp(prefix="t5g2-jax-cache-")
+        config._t5g2_made_compilation_cache = True
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "_t5g2_made_compilation_cache", False):
+        shutil.rmtree(os.environ.pop(COMPILATION_CACHE_VAR), ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

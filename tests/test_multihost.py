@@ -147,9 +147,16 @@ def _free_port() -> int:
 
 
 def _env(devices: int, **extra: str) -> dict:
+    """A subprocess's environment: CPU with `devices` devices, no cluster variables, and the test
+    session's shared compilation cache (tests/conftest.py)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(_CLUSTER_PREFIXES)}
     env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    if os.environ.get("T5G2_TEST_COMPILATION_CACHE"):
+        env.update(JAX_COMPILATION_CACHE_DIR=os.environ["T5G2_TEST_COMPILATION_CACHE"],
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env.update(extra)
     return env
 
 

@@ -1,6 +1,8 @@
 """Meshes and logical axis rules: the same numbers on every mesh, parameters placed by the rules,
 clear errors with the numbers when something does not divide."""
 
+import functools
+
 import jax
 import numpy as np
 import optax
@@ -39,46 +41,64 @@ def _mesh(shape):
     return sharding.make_mesh(shape, jax.devices()[:int(np.prod(list(shape.values())))])
 
 
-def _run(shape, steps, optimizer):
-    """(loss, grads) at init, then (losses, params) over `steps` optimizer steps, on one mesh."""
+def _run(shape, steps, optimizer, with_grads=True):
+    """(loss, grads) at init (None, None without `with_grads`), then (losses, params) over
+    `steps` optimizer steps, on one mesh."""
     mesh = _mesh(shape)
     tx, schedule = optimizer
     shardings = state_shardings(CFG, tx, mesh)
     state = init_train_state(CFG, tx, mesh, seed=0)
     batch = sharding.global_batch_from_host(_batch(), mesh)
-    grad_fn = jax.jit(jax.grad(loss_function(CFG, 0.0), has_aux=True))
-    with sharding.use_mesh(mesh):
-        grads, sums = grad_fn(state.params, batch)
+    to_np = lambda tree: [np.asarray(x) for x in jax.tree.leaves(tree)]  # noqa: E731
+    loss = grads = None
+    if with_grads:
+        grad_fn = jax.jit(jax.grad(loss_function(CFG, 0.0), has_aux=True))
+        with sharding.use_mesh(mesh):
+            grads, sums = grad_fn(state.params, batch)
+        loss, grads = float(sums.cross_entropy / sums.weight), to_np(grads)
     step = make_train_step(CFG, TRAIN, tx, schedule, mesh, shardings)
     losses = []
     for _ in range(steps):
         state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
-    to_np = lambda tree: [np.asarray(x) for x in jax.tree.leaves(tree)]  # noqa: E731
-    return float(sums.cross_entropy / sums.weight), to_np(grads), losses, to_np(state.params)
+    return loss, grads, losses, to_np(state.params)
 
 
-def test_same_loss_gradients_and_updates_on_every_mesh():
-    # SGD with momentum: updates are linear in the gradients, so parameters must agree to float32
-    # precision. (Adam divides by sqrt(v) and turns last-bit differences of near-zero gradients
-    # into different fractions of a step; the AdamW test below compares losses instead.)
-    sgd = (optax.sgd(0.1, momentum=0.9), optax.constant_schedule(0.1))
-    reference = _run(MESHES[0], 3, sgd)
-    for shape in MESHES[1:]:
-        loss, grads, losses, params = _run(shape, 3, sgd)
-        assert loss == pytest.approx(reference[0], abs=1e-5), shape
-        for g, g_ref in zip(grads, reference[1]):
-            assert np.abs(g - g_ref).max() <= 1e-5 * np.abs(g_ref).max() + 1e-7, shape
-        np.testing.assert_allclose(losses, reference[2], atol=1e-5, err_msg=str(shape))
-        for p, p_ref in zip(params, reference[3]):
-            np.testing.assert_allclose(p, p_ref, atol=1e-5, err_msg=str(shape))
+# SGD with momentum: updates are linear in the gradients, so parameters must agree to float32
+# precision. (Adam divides by sqrt(v) and turns last-bit differences of near-zero gradients into
+# different fractions of a step; the AdamW test below compares losses instead.)
+SGD = (optax.sgd(0.1, momentum=0.9), optax.constant_schedule(0.1))
+
+
+@functools.cache
+def _sgd_reference():
+    return _run(MESHES[0], 3, SGD)
+
+
+# The mixed mesh shards all three axes at once; the one-axis meshes (each a compile of its own)
+# run with -m slow.
+@pytest.mark.parametrize("shape", [
+    pytest.param(MESHES[1], id="data8", marks=pytest.mark.slow),
+    pytest.param(MESHES[2], id="fsdp8", marks=pytest.mark.slow),
+    pytest.param(MESHES[3], id="data2_fsdp2_tensor2"),
+])
+def test_same_loss_gradients_and_updates_on_every_mesh(shape):
+    reference = _sgd_reference()
+    loss, grads, losses, params = _run(shape, 3, SGD)
+    assert loss == pytest.approx(reference[0], abs=1e-5), shape
+    for g, g_ref in zip(grads, reference[1]):
+        assert np.abs(g - g_ref).max() <= 1e-5 * np.abs(g_ref).max() + 1e-7, shape
+    np.testing.assert_allclose(losses, reference[2], atol=1e-5, err_msg=str(shape))
+    for p, p_ref in zip(params, reference[3]):
+        np.testing.assert_allclose(p, p_ref, atol=1e-5, err_msg=str(shape))
 
 
 def test_adamw_training_agrees_across_meshes():
     adamw = make_optimizer(TRAIN)
-    reference = _run(MESHES[0], 4, adamw)[2]
+    reference = _run(MESHES[0], 4, adamw, with_grads=False)[2]
     assert reference[-1] < reference[0]
-    np.testing.assert_allclose(_run(MESHES[3], 4, adamw)[2], reference, atol=1e-4)
+    np.testing.assert_allclose(_run(MESHES[3], 4, adamw, with_grads=False)[2], reference,
+                               atol=1e-4)
 
 
 def test_parameters_are_placed_by_the_rules():

@@ -148,13 +148,6 @@ def test_checkpoints_in_a_bucket_without_the_gcs_client_are_refused_at_start(fak
     assert not os.path.exists(root)
 
 
-def _compilation_cache(tmp_path) -> dict[str, str]:
-    """JAX's persistent compilation cache, so that the runs after the first reuse its programs."""
-    return dict(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-
-
 def _launch(module: str, flags, cwd, env) -> str:
     proc = subprocess.run([sys.executable, "-m", module, *flags], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -174,7 +167,7 @@ def test_a_run_in_a_bucket_checkpoints_resumes_and_exports(tmp_path):
     (tmp_path / "gcloud").mkdir()
     work.mkdir()
     local, remote = str(tmp_path / "local"), "gs://bucket/run"
-    base = _env(1, PYTHONPATH=str(REPO), **_compilation_cache(tmp_path))
+    base = _env(1, PYTHONPATH=str(REPO))
     _launch("launch.train", [*RUN_FLAGS, "--config.train.steps=3", "--workdir", local], work, base)
     with FakeGcs() as gcs:
         env = gcs.env(base, str(tmp_path / "gcloud"))
