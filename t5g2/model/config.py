@@ -107,6 +107,20 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def with_longer_context(self, factor: float, where: str = "context_scale") -> "ModelConfig":
+        """This model run at `factor` times the context it was trained with: position
+        interpolation on the global layers of both stacks (their linear RoPE scale multiplied by
+        `factor`); local layers see only their window and keep theirs. RoPE has no parameters,
+        so the same weights serve; an exported config records it in `rope_parameters`."""
+        if not (math.isfinite(factor) and factor >= 1.0):
+            raise ConfigError(f"{where}={factor!r}: must be a finite number >= 1 (the factor by "
+                              "which the inference context exceeds the training context)")
+        if factor == 1.0:
+            return self
+        longer = {side: dataclasses.replace(getattr(self, side), global_rope_scale=getattr(
+            self, side).global_rope_scale * factor) for side in ("encoder", "decoder")}
+        return dataclasses.replace(self, **longer)
+
     def validate(self, prefix: str = "model") -> None:
         for side in ("encoder", "decoder"):
             _validate_stack(getattr(self, side), f"{prefix}.{side}")

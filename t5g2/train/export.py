@@ -56,8 +56,10 @@ class LoadedRun:
     model: nnx.Module  # the model with the step's parameters, on this host's first device
 
 
-def load_run(workdir: str, step: int | None = None) -> LoadedRun:
-    """The model of step `step` (default: the latest) of a run; reads no optimizer state."""
+def load_run(workdir: str, step: int | None = None, context_scale: float = 1.0) -> LoadedRun:
+    """The model of step `step` (default: the latest) of a run; reads no optimizer state.
+    `context_scale` > 1 runs it at that many times its training context
+    (`ModelConfig.with_longer_context`)."""
     checkpointer = Checkpointer(workdir, read_only=True)
     try:
         steps = checkpointer.steps()
@@ -68,7 +70,8 @@ def load_run(workdir: str, step: int | None = None) -> LoadedRun:
         elif step not in steps:
             raise CheckpointError(f"step {step} is not in {checkpointer.directory}: {steps}")
         config = checkpointer.saved_config(step)
-        model_cfg = ModelConfig.from_config_dict(config["model"])
+        model_cfg = ModelConfig.from_config_dict(config["model"]).with_longer_context(
+            context_scale)
         mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
         graphdef, abstract_params = model_graphdef(model_cfg)
         shardings = TrainState(step=NamedSharding(mesh, PartitionSpec()),
@@ -82,11 +85,13 @@ def load_run(workdir: str, step: int | None = None) -> LoadedRun:
     return LoadedRun(step, config, model_cfg, nnx.merge(graphdef, params))
 
 
-def export(workdir: str, out: str, *, step: int | None = None, overwrite: bool = False
-           ) -> Exported:
-    """Writes step `step` (default: the latest) of `workdir`'s checkpoints to `out`."""
+def export(workdir: str, out: str, *, step: int | None = None, overwrite: bool = False,
+           context_scale: float = 1.0) -> Exported:
+    """Writes step `step` (default: the latest) of `workdir`'s checkpoints to `out`, for a
+    context `context_scale` times the training one (its RoPE in the config's
+    `rope_parameters`)."""
     checkpoint_files.require_empty(out, overwrite)
-    run = load_run(workdir, step)
+    run = load_run(workdir, step, context_scale)
     if run.model_cfg.cross_attention != "merged":
         raise ConfigError(f"{workdir} step {run.step} has model.cross_attention="
                           f"{run.model_cfg.cross_attention!r}; the Hugging Face T5Gemma 2 has "
