@@ -56,10 +56,11 @@ class LoadedRun:
     model: nnx.Module  # the model with the step's parameters, on this host's first device
 
 
-def load_run(workdir: str, step: int | None = None, context_scale: float = 1.0) -> LoadedRun:
+def load_run(workdir: str, step: int | None = None, context_scale: float = 1.0,
+             dtype: str | None = None) -> LoadedRun:
     """The model of step `step` (default: the latest) of a run; reads no optimizer state.
     `context_scale` > 1 runs it at that many times its training context
-    (`ModelConfig.with_longer_context`)."""
+    (`ModelConfig.with_longer_context`); `dtype` replaces the compute dtype (e.g. float32)."""
     checkpointer = Checkpointer(workdir, read_only=True)
     try:
         steps = checkpointer.steps()
@@ -72,6 +73,9 @@ def load_run(workdir: str, step: int | None = None, context_scale: float = 1.0) 
         config = checkpointer.saved_config(step)
         model_cfg = ModelConfig.from_config_dict(config["model"]).with_longer_context(
             context_scale)
+        if dtype is not None:
+            model_cfg = dataclasses.replace(model_cfg, dtype=dtype)
+            model_cfg.validate()
         mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
         graphdef, abstract_params = model_graphdef(model_cfg)
         shardings = TrainState(step=NamedSharding(mesh, PartitionSpec()),
@@ -106,22 +110,30 @@ def export(workdir: str, out: str, *, step: int | None = None, overwrite: bool =
     return Exported(step=run.step, out=out, files=files)
 
 
-def _write_tokenizer(config: dict[str, Any], out: str) -> list[str]:
-    """The run's sentencepiece model and sentinel/mode ids, when it used the UL2 pipeline."""
-    for stale in (TOKENIZER_MODEL, VOCABULARY_NOTE):  # from an earlier export into `out`
-        if os.path.exists(os.path.join(out, stale)):
-            os.remove(os.path.join(out, stale))
+def run_vocabulary(config: dict[str, Any]):
+    """The vocabulary (t5g2.data.vocab.Vocabulary) a run trained with: its UL2 pipeline's
+    sentencepiece model, sentinels and mode tokens; None for a run on another data source."""
     if config.get("data", {}).get("source") != "ul2":
-        log.info("no tokenizer written: the run's data source was %r",
-                 config.get("data", {}).get("source"))
-        return []
+        return None
     from t5g2.data.denoisers import mixture_from_config
     from t5g2.data.pipeline import open_vocabulary
     from t5g2.train.loop import pipeline_config
 
     train_cfg = TrainConfig.from_config_dict(config["train"])
     pipeline_cfg = pipeline_config(ml_collections.ConfigDict(config), train_cfg)
-    vocab = open_vocabulary(pipeline_cfg, mixture_from_config(pipeline_cfg.mixture))
+    return open_vocabulary(pipeline_cfg, mixture_from_config(pipeline_cfg.mixture))
+
+
+def _write_tokenizer(config: dict[str, Any], out: str) -> list[str]:
+    """The run's sentencepiece model and sentinel/mode ids, when it used the UL2 pipeline."""
+    for stale in (TOKENIZER_MODEL, VOCABULARY_NOTE):  # from an earlier export into `out`
+        if os.path.exists(os.path.join(out, stale)):
+            os.remove(os.path.join(out, stale))
+    vocab = run_vocabulary(config)
+    if vocab is None:
+        log.info("no tokenizer written: the run's data source was %r",
+                 config.get("data", {}).get("source"))
+        return []
     shutil.copyfile(vocab.model_file, os.path.join(out, TOKENIZER_MODEL))
     note = dict(sentencepiece_size=vocab.sp_size, extra_ids=vocab.extra_ids, size=vocab.size,
                 pad_id=vocab.pad_id, eos_id=vocab.eos_id, bos_id=vocab.bos_id,
