@@ -1,8 +1,9 @@
 """Shared config structure. Each size file fills in the Gemma 3 dimensions and the run settings.
 
 Sections: `model` (t5g2.model.ModelConfig), `train` (t5g2.train.config.TrainConfig), `mesh`
-(t5g2.sharding), `data`, `init`, `checkpoint`. Each is validated once at start; override any
-field from the command line, e.g. `--config.model.cross_attention=separate --config.mesh.fsdp=8`.
+(t5g2.sharding), `data`, `init`, `checkpoint`, `eval`. Each is validated once at start; override
+any field from the command line, e.g.
+`--config.model.cross_attention=separate --config.mesh.fsdp=8`.
 """
 
 import dataclasses
@@ -94,6 +95,16 @@ def checkpoint(*, every=1000, keep=3, keep_period=0):
         restore_step=ml_collections.FieldReference(None, field_type=int), fallback=False))
 
 
+def evaluation(*, every=0, batches=2, holdout_documents=0):
+    """Held-out loss and token accuracy per denoiser of the UL2 mixture (t5g2/train/eval.py),
+    logged every `every` steps and at the end (0: off; `python -m launch.eval` evaluates a
+    checkpoint), over `batches` global batches per denoiser, from the last `holdout_documents`
+    documents of data.ul2's source (then left out of training) or, with `source_paths` (paths or
+    globs), from those files, read with data.ul2's kind and field."""
+    return ml_collections.ConfigDict(dict(every=every, batches=batches,
+                                          holdout_documents=holdout_documents, source_paths=()))
+
+
 def config(model_cfg, train_cfg, mesh_cfg, *, name):
     cfg = ml_collections.ConfigDict()
     cfg.name = name
@@ -104,6 +115,7 @@ def config(model_cfg, train_cfg, mesh_cfg, *, name):
     cfg.data = data()
     cfg.init = init()
     cfg.checkpoint = checkpoint()
+    cfg.eval = evaluation()
     # Peak FLOP/s of one device for MFU; None: the device kind's published bf16 peak, or on
     # CPU a matmul measured at start.
     cfg.peak_flops_per_device = ml_collections.FieldReference(None, field_type=float)

@@ -40,6 +40,7 @@ RUN_FLAGS = (
     "--config.train.encoder_length=64", "--config.train.decoder_length=64",
     "--config.model.encoder.num_layers=2", "--config.model.decoder.num_layers=2",
     "--config.peak_flops_per_device=1e9",  # no matmul measurement at start
+    "--config.eval.every=0",  # tests/test_eval.py covers the held-out evaluation
 )
 TIMEOUT_S = 300
 
@@ -279,6 +280,7 @@ def _small_config(steps: int, **mesh):
     config.model.encoder.num_layers = config.model.decoder.num_layers = 2
     config.data.source = "synthetic"
     config.peak_flops_per_device = 1e9
+    config.eval.every = 0  # tests/test_eval.py covers the held-out evaluation
     config.mesh.update(dict(dict(data=-1, fsdp=1, tensor=1), **mesh))
     return config
 

@@ -63,8 +63,6 @@ def run_dir(tmp_path_factory, cache_dir):
     config.data.source = "ul2"
     config.data.ul2.cache_dir = cache_dir
     config.train.encoder_length = config.train.decoder_length = LENGTH
-    if "eval" in config:
-        config.eval.every = 0
     workdir = str(tmp_path_factory.mktemp("lm_eval") / "run")
     loop.train(config, workdir)
     return workdir

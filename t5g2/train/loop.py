@@ -1,5 +1,6 @@
 """The training loop: validated config -> mesh -> sharded state (restored from the workdir's
-checkpoints, or initialised) -> steps -> metrics and checkpoints.
+checkpoints, or initialised) -> steps -> metrics, held-out evaluation (t5g2/train/eval.py) and
+checkpoints.
 
 Every process runs this same program (JAX multi-controller); each feeds its share of the global
 batch, and process 0 writes metrics (TensorBoard, metrics.jsonl, a progress bar or log lines).
@@ -21,6 +22,7 @@ from t5g2.data.synthetic import SyntheticCopySource
 from t5g2.model import ModelConfig
 from t5g2.model.flops import batch_train_flops, train_flops
 from t5g2.model.params import count_params
+from t5g2.train import eval as evaluation
 from t5g2.train.checkpoint import Checkpointer, check_compatible, config_as_json
 from t5g2.train.config import SCHEDULE_FIELDS, TrainConfig
 from t5g2.train.divergence import NonFiniteGuard
@@ -76,7 +78,9 @@ def pipeline_config(config, train_cfg: TrainConfig):
 def _ul2_source(config, model_cfg: ModelConfig, train_cfg: TrainConfig):
     from t5g2.data.pipeline import Ul2Source
 
-    source = Ul2Source(pipeline_config(config, train_cfg))
+    pipeline_cfg = pipeline_config(config, train_cfg)
+    source = Ul2Source(pipeline_cfg,
+                       documents=evaluation.training_documents(config, pipeline_cfg))
     check_vocabulary_fits_model(source.vocab, model_cfg)
     return source
 
@@ -130,12 +134,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     shardings = state_shardings(model_cfg, tx, mesh)
     step_fn = make_train_step(model_cfg, train_cfg, tx, schedule, mesh, shardings)
     source = make_source(config, model_cfg, train_cfg)
+    evaluator = (evaluation.make_evaluator(config, model_cfg, train_cfg, mesh, shardings.params)
+                 if evaluation.enabled(config) else None)
     checkpointer = make_checkpointer(config, workdir)
     try:
         state, start, origin = start_state(config, model_cfg, tx, mesh, shardings, source,
                                            checkpointer, workdir)
         return _run(config, workdir, model_cfg, train_cfg, mesh, step_fn, source, checkpointer,
-                    state, start, origin)
+                    state, start, origin, evaluator)
     finally:
         if hasattr(source, "close"):
             source.close()
@@ -209,7 +215,7 @@ def _restore_data_position(source, restored, config) -> None:
 
 
 def _run(config, workdir, model_cfg, train_cfg, mesh, step_fn, source, checkpointer, state,
-         start, origin) -> RunResult:
+         start, origin, evaluator=None) -> RunResult:
     peak, peak_origin = peak_flops_per_device(config.peak_flops_per_device)
     # MFU counts the model FLOPs of the real tokens (batch_train_flops, per step and process);
     # this, every position counted as a token, is only for mfu_padded.
@@ -240,6 +246,8 @@ def _run(config, workdir, model_cfg, train_cfg, mesh, step_fn, source, checkpoin
     metrics: dict[str, float] = {}
     step, preempted = start, False
     guard = NonFiniteGuard(train_cfg.on_nonfinite, train_cfg.max_skipped)
+    eval_every = evaluation.EvalConfig.from_config(config).every if evaluator else 0
+    evaluated: dict[int, dict[str, float]] = {}  # step -> its held-out figures, reported with it
     with MetricsWriter(workdir, process_index=jax.process_index(),
                        total_steps=train_cfg.steps, initial_step=start) as writer, \
             PreemptionWatch() as preemption:
@@ -252,8 +260,10 @@ def _run(config, workdir, model_cfg, train_cfg, mesh, step_fn, source, checkpoin
             diverged = guard.observe(done, values)
             timer.add_flops(batch_train_flops(model_cfg, host_batch))  # the next step runs
             final = done == train_cfg.steps or (preempted and done == step) or diverged
-            if done % train_cfg.log_every == 0 or final or done == start + 1:
+            held_out = evaluated.pop(done, None)
+            if done % train_cfg.log_every == 0 or final or done == start + 1 or held_out:
                 metrics = {k: v for k, v in values.items() if k not in _CONTROL_METRICS}
+                metrics.update(held_out or {})
                 metrics.update(guard.report())
                 metrics.update(timer.measure(done))
                 metrics.update(batch_fill(host_batch))
@@ -276,6 +286,10 @@ def _run(config, workdir, model_cfg, train_cfg, mesh, step_fn, source, checkpoin
                 {**host_batch, **preemption.request_column(rows)}, mesh)
             state, step_metrics = step_fn(state, batch)
             step += 1
+            if evaluation.due(step, eval_every, train_cfg.steps):  # before the next step donates
+                jax.block_until_ready(step_metrics)  # the step's own time stays in the window
+                with timer.excluded():
+                    evaluated[step] = evaluator(state.params)
             if step == start + 1:  # throughput windows start after the first (compiling) step
                 jax.block_until_ready(step_metrics)
                 timer.start(step)

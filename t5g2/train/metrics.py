@@ -12,6 +12,7 @@ store cannot append, each report rewrites metrics.jsonl and the event file whole
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -21,7 +22,7 @@ import re
 import socket
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import tqdm
@@ -267,6 +268,16 @@ class StepTimer:
 
     def start(self, step: int) -> None:
         self._time, self._step, self._added = self._clock(), step, None
+
+    @contextlib.contextmanager
+    def excluded(self) -> Iterator[None]:
+        """Leaves the time spent inside (e.g. a held-out evaluation) out of the current window."""
+        began = self._clock()
+        try:
+            yield
+        finally:
+            if self._time is not None:
+                self._time += self._clock() - began
 
     def measure(self, step: int) -> dict[str, float]:
         now = self._clock()
