@@ -174,6 +174,12 @@ def use_mesh(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> It
         _ACTIVE.reset(token)
 
 
+def active_mesh() -> tuple[Mesh, tuple] | None:
+    """The (mesh, rules) `use_mesh` set, or None: part of a compiled function's identity when it
+    constrains activations (a trace inside `use_mesh` must not serve outside it)."""
+    return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, names: Sequence[str]) -> jax.Array:
     active = _ACTIVE.get()
     if active is None:

@@ -267,25 +267,94 @@ class Attention(nnx.Module):
     def output(self, attended: jax.Array) -> jax.Array:
         return project(attended, self.o[...], contract=2)
 
+    def attend(self, x, rope, self_mask: MaskSpec | None, cross: KVPart | None = None,
+               cache: "KVCache | None" = None) -> tuple[jax.Array, "KVCache | None"]:
+        """Queries from x over [cached keys | x's own keys | a cross part], under one softmax.
+
+        self_mask None: no self part (classic cross-attention). With a cache (generation), the
+        keys x produces are attended together with the cached ones and then written into it;
+        returns (output, updated cache or None).
+        """
+        q = self.queries(x, rope)
+        parts = []
+        if self_mask is not None:
+            k, v = self.keys_values(x, rope)
+            if cache is not None:
+                parts.append(cache.part(self_mask))
+                cache = cache.write(k, v, self_mask.q_positions, self_mask.q_segments)
+            parts.append((k, v, self_mask))
+        if cross is not None:
+            parts.append(cross)
+        return self.output(dot_product_attention(q, parts, self.scale, self.query_chunk)), cache
+
     def self_attention(self, x, rope, mask: MaskSpec) -> jax.Array:
         """Encoder (bidirectional) or decoder (causal) self-attention."""
-        q = self.queries(x, rope)
-        k, v = self.keys_values(x, rope)
-        return self.output(dot_product_attention(q, [(k, v, mask)], self.scale,
-                                                 self.query_chunk))
+        return self.attend(x, rope, mask)[0]
+
+    def cross_part(self, encoded: jax.Array, cross_mask: MaskSpec) -> KVPart:
+        """Encoder outputs projected by this attention's k/v weights: no RoPE, never windowed."""
+        return (*self.keys_values(encoded, None), cross_mask)
 
     def merged_attention(self, x, rope, self_mask: MaskSpec, encoded: jax.Array,
                          cross_mask: MaskSpec) -> jax.Array:
         """T5Gemma 2: one softmax over [decoder keys (RoPE) | encoder keys (no RoPE)]."""
-        q = self.queries(x, rope)
-        k_self, v_self = self.keys_values(x, rope)
-        k_cross, v_cross = self.keys_values(encoded, None)
-        parts = [(k_self, v_self, self_mask), (k_cross, v_cross, cross_mask)]
-        return self.output(dot_product_attention(q, parts, self.scale, self.query_chunk))
+        return self.attend(x, rope, self_mask, self.cross_part(encoded, cross_mask))[0]
 
     def cross_attention(self, x, encoded: jax.Array, cross_mask: MaskSpec) -> jax.Array:
         """Classic cross-attention over encoder outputs, no RoPE on either side."""
-        q = self.queries(x, None)
-        k, v = self.keys_values(encoded, None)
-        return self.output(dot_product_attention(q, [(k, v, cross_mask)], self.scale,
-                                                 self.query_chunk))
+        return self.attend(x, None, None, self.cross_part(encoded, cross_mask))[0]
+
+
+KV_CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")  # logical axes of cached keys/values
+
+
+@struct.dataclass
+class KVCache:
+    """One attention's own past keys/values for generation (keys after k-norm and RoPE).
+
+    Each slot records the position and segment id of the key it holds (segment 0: empty), so
+    the usual `MaskSpec` decides visibility and slot order does not matter. `ring`: a buffer of
+    the sliding window, slot = position mod length (a key leaves the window exactly when the
+    key `length` positions later overwrites it); otherwise slot = position.
+    """
+
+    k: jax.Array  # [batch, length, kv_heads, head_dim]
+    v: jax.Array
+    positions: jax.Array  # [batch, length]
+    segments: jax.Array  # [batch, length]
+    ring: bool = struct.field(pytree_node=False, default=False)
+
+    @classmethod
+    def empty(cls, batch: int, length: int, kv_heads: int, head_dim: int, dtype,
+              ring: bool) -> "KVCache":
+        kv = jnp.zeros((batch, length, kv_heads, head_dim), dtype)
+        ids = jnp.zeros((batch, length), jnp.int32)
+        return cls(kv, kv, ids, ids, ring=ring)
+
+    def part(self, mask: MaskSpec) -> KVPart:
+        """The cached keys as a part seen by `mask`'s queries (with its causality and window)."""
+        seen = MaskSpec(mask.q_positions, mask.q_segments, self.positions, self.segments,
+                        causal=mask.causal, window=mask.window)
+        return self.k, self.v, seen
+
+    def write(self, k, v, positions, segments) -> "KVCache":
+        """Stores the keys of tokens with segment != 0 at their slots; a ring keeps only each
+        row's last `length` positions (so no two written keys share a slot)."""
+        length = self.k.shape[1]
+        keep = segments != 0
+        if self.ring:
+            last = jnp.max(jnp.where(keep, positions, -1), axis=1, keepdims=True)
+            keep &= positions > last - length
+            slots = positions % length
+        else:
+            keep &= positions < length
+            slots = positions
+        slots = jnp.where(keep, slots, length)  # out of range: dropped
+        rows = jnp.arange(k.shape[0])[:, None]
+
+        def put(buffer, values):
+            return buffer.at[rows, slots].set(values.astype(buffer.dtype), mode="drop")
+
+        return self.replace(k=put(self.k, k), v=put(self.v, v),
+                            positions=put(self.positions, positions),
+                            segments=put(self.segments, segments))

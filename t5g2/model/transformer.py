@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from t5g2.model.attention import Attention, MaskSpec, decoder_window, encoder_window
+from t5g2.model.attention import (KV_CACHE_AXES, Attention, KVCache, MaskSpec, decoder_window,
+                                  encoder_window)
 from t5g2.model.config import ModelConfig, StackConfig
 from t5g2.model.layers import MLP, Embedder, RMSNorm, default_init, param, project
 from t5g2.model.rope import rope_tables
@@ -103,18 +104,56 @@ class DecoderLayer(Block):
                                         param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, y: jax.Array, ctx: StackInputs) -> jax.Array:
+        return self.forward(y, ctx)[0]
+
+    def forward(self, y: jax.Array, ctx: StackInputs,
+                cache: "DecoderLayerCache | None" = None):
+        """(outputs, updated cache): the one pass that training (no cache: keys of y only, cross
+        keys projected from ctx.encoded) and cached generation (past keys from the cache, cross
+        keys computed once per request) share."""
         rope, mask = ctx.for_layer(self.is_global)
-        h = self.pre_attn_norm(y)
-        if self.merged:
-            h = self.attn.merged_attention(h, rope, mask, ctx.encoded, ctx.cross_mask)
-        else:
-            h = self.attn.self_attention(h, rope, mask)
+        self_cache = None if cache is None else cache.self_kv
+        cross = self._cross_part(self.attn, ctx, cache) if self.merged else None
+        h, self_cache = self.attn.attend(self.pre_attn_norm(y), rope, mask, cross, self_cache)
         y = y + self.post_attn_norm(h)
         if self.has_cross:
-            h = self.cross_attn.cross_attention(self.pre_cross_norm(y), ctx.encoded,
-                                                ctx.cross_mask)
+            cross = self._cross_part(self.cross_attn, ctx, cache)
+            h, _ = self.cross_attn.attend(self.pre_cross_norm(y), None, None, cross)
             y = y + self.post_cross_norm(h)
-        return self.mlp_block(y)
+        cache = None if cache is None else cache.replace(self_kv=self_cache)
+        return self.mlp_block(y), cache
+
+    @staticmethod
+    def _cross_part(attn: Attention, ctx: StackInputs, cache: "DecoderLayerCache | None"):
+        if cache is None:
+            return attn.cross_part(ctx.encoded, ctx.cross_mask)
+        return cache.cross_k, cache.cross_v, ctx.cross_mask
+
+    def new_cache(self, cfg: StackConfig, encoded: jax.Array, max_length: int,
+                  dtype) -> "DecoderLayerCache":
+        """An empty self cache (a ring of the window on local layers, `max_length` positions on
+        global ones) and this layer's projection of the encoder outputs, if it reads them."""
+        batch = encoded.shape[0]
+        ring = not self.is_global and cfg.sliding_window < max_length
+        length = cfg.sliding_window if ring else max_length
+        self_kv = KVCache.empty(batch, length, cfg.num_kv_heads, cfg.head_dim, dtype, ring)
+        self_kv = self_kv.replace(k=constrain(self_kv.k, KV_CACHE_AXES),
+                                  v=constrain(self_kv.v, KV_CACHE_AXES))
+        cross_k = cross_v = None
+        if self.merged or self.has_cross:
+            attn = self.attn if self.merged else self.cross_attn
+            cross_k, cross_v = attn.keys_values(encoded, None)
+            cross_k, cross_v = constrain(cross_k, KV_CACHE_AXES), constrain(cross_v, KV_CACHE_AXES)
+        return DecoderLayerCache(self_kv, cross_k, cross_v)
+
+
+@struct.dataclass
+class DecoderLayerCache:
+    """What one decoder layer keeps between generation steps."""
+
+    self_kv: KVCache
+    cross_k: jax.Array | None = None  # [batch, encoder_length, kv_heads, head_dim], fixed
+    cross_v: jax.Array | None = None
 
 
 class Period(nnx.Module):
@@ -174,6 +213,30 @@ class LayerStack(nnx.Module):
         for layer in self.tail:
             x = constrain(layer(x, ctx), RESIDUAL)
         return x
+
+    def map_layers(self, fn: Callable, carry, per_layer=None):
+        """Threads `carry` through fn(layer, carry, item) -> (carry, out) over every layer in
+        order (periods under one scan). `per_layer` and the outputs are laid out like the
+        layers: {"periods": one entry per slot, stacked over periods, "tail": one per layer}."""
+        periods = None
+        if self.periods is not None:
+            graphdef, state = nnx.split(self.periods)
+
+            def period_step(carry, xs):
+                period_state, items = xs
+                outs = []
+                for j, layer in enumerate(nnx.merge(graphdef, period_state).layers):
+                    carry, out = fn(layer, carry, None if items is None else items[j])
+                    outs.append(out)
+                return carry, tuple(outs)
+
+            items = None if per_layer is None else per_layer["periods"]
+            carry, periods = jax.lax.scan(period_step, carry, (state, items))
+        tail = []
+        for j, layer in enumerate(self.tail):
+            carry, out = fn(layer, carry, None if per_layer is None else per_layer["tail"][j])
+            tail.append(out)
+        return carry, {"periods": periods, "tail": tuple(tail)}
 
 
 def _default_ids(tokens, segment_ids, positions):
@@ -245,11 +308,35 @@ class Decoder(nnx.Module):
 
     def __call__(self, y, segment_ids, positions, encoded, encoder_segment_ids,
                  encoder_positions) -> jax.Array:
-        cross_mask = MaskSpec(positions, segment_ids, encoder_positions, encoder_segment_ids)
-        ctx = StackInputs.build(self.cfg, positions, segment_ids, causal=True,
-                                window=decoder_window(self.cfg.sliding_window),
-                                encoded=encoded, cross_mask=cross_mask)
+        ctx = self._inputs(segment_ids, positions, encoder_segment_ids, encoder_positions,
+                           encoded)
         return self.final_norm(self.layers(y, ctx))
+
+    def _inputs(self, segment_ids, positions, encoder_segment_ids, encoder_positions,
+                encoded=None) -> StackInputs:
+        cross_mask = MaskSpec(positions, segment_ids, encoder_positions, encoder_segment_ids)
+        return StackInputs.build(self.cfg, positions, segment_ids, causal=True,
+                                 window=decoder_window(self.cfg.sliding_window),
+                                 encoded=encoded, cross_mask=cross_mask)
+
+    def new_cache(self, encoded: jax.Array, max_length: int, dtype) -> dict:
+        """Every layer's generation cache (`DecoderLayerCache`), laid out like the layers."""
+        def init(layer, carry, _):
+            return carry, layer.new_cache(self.cfg, encoded, max_length, dtype)
+
+        return self.layers.map_layers(init, None)[1]
+
+    def cached(self, y, segment_ids, positions, cache: dict, encoder_segment_ids,
+               encoder_positions) -> tuple[jax.Array, dict]:
+        """`__call__` for new tokens after those in `cache`: (final hidden states, new cache)."""
+        ctx = self._inputs(segment_ids, positions, encoder_segment_ids, encoder_positions)
+
+        def step(layer, y, layer_cache):
+            y, layer_cache = layer.forward(y, ctx, layer_cache)
+            return constrain(y, RESIDUAL), layer_cache
+
+        y, cache = self.layers.map_layers(step, y, cache)
+        return self.final_norm(y), cache
 
 
 class T5Gemma2(nnx.Module):
@@ -292,10 +379,26 @@ class T5Gemma2(nnx.Module):
         segment_ids, positions = _default_ids(tokens, segment_ids, positions)
         if encoder_positions is None:
             encoder_positions = jnp.zeros_like(encoder_segment_ids)
+        return self.decoder(self._decoder_embed(tokens), segment_ids, positions, encoded,
+                            encoder_segment_ids, encoder_positions)
+
+    def _decoder_embed(self, tokens) -> jax.Array:
         embed = self.embed if self.config.tie_embeddings else self.decoder_embed
-        y = constrain(embed(tokens, self.dtype), RESIDUAL)
-        return self.decoder(y, segment_ids, positions, encoded, encoder_segment_ids,
-                            encoder_positions)
+        return constrain(embed(tokens, self.dtype), RESIDUAL)
+
+    def new_decode_cache(self, encoded: jax.Array, max_length: int) -> dict:
+        """An empty decoder cache for up to `max_length` decoder positions, holding every
+        layer's projection of `encoded` (computed here, once per request)."""
+        return self.decoder.new_cache(encoded, max_length, self.dtype)
+
+    def decode_cached(self, tokens, cache: dict, encoder_segment_ids, segment_ids, positions,
+                      encoder_positions=None) -> tuple[jax.Array, dict]:
+        """`decode` of new tokens [B,T] (segment ids 0: padding, nothing cached) after those in
+        `cache`, at their absolute positions: (hidden states [B,T,D], updated cache)."""
+        if encoder_positions is None:
+            encoder_positions = jnp.zeros_like(encoder_segment_ids)
+        return self.decoder.cached(self._decoder_embed(tokens), segment_ids, positions, cache,
+                                   encoder_segment_ids, encoder_positions)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         table = self.embed.table if self.config.tie_embeddings else self.lm_head
