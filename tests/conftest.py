@@ -44,3 +44,22 @@ def documents(cache_dir):
     from t5g2.data.sources import open_documents
 
     return open_documents("embedded", cache_dir=cache_dir)
+
+
+UL2_RUN_LENGTH = 32  # encoder and decoder length of `ul2_run`
+
+
+@pytest.fixture(scope="session")
+def ul2_run(tmp_path_factory, cache_dir):
+    """The workdir of a 1-step UL2 run (2 layers, lengths 32, the embedded corpus): a checkpoint
+    with a tokenizer, for the tools that read one (lm_eval, generation)."""
+    from t5g2.train import loop
+    from tests.test_checkpoint import _small_config
+
+    config = _small_config(1)
+    config.data.source = "ul2"
+    config.data.ul2.cache_dir = cache_dir
+    config.train.encoder_length = config.train.decoder_length = UL2_RUN_LENGTH
+    workdir = str(tmp_path_factory.mktemp("ul2_run") / "run")
+    loop.train(config, workdir)
+    return workdir

@@ -13,12 +13,10 @@ import numpy as np
 import pytest
 
 from t5g2.configlib import ConfigError
-from t5g2.train import loop
 from t5g2.train.export import load_run, run_vocabulary
-from tests.test_checkpoint import _small_config
+from tests.conftest import UL2_RUN_LENGTH as LENGTH  # the run's lengths: lm_eval's windows
 from tests.test_multihost import REPO, _env
 
-LENGTH = 32  # encoder and decoder length of the run, hence of lm_eval's windows
 CHOICES = [{"context": "The data pipeline", "choices": ["packs examples", "eats bananas"],
             "label": 0},
            {"context": "A checkpoint is", "choices": ["saved", "purple"], "label": 0},
@@ -58,14 +56,8 @@ metric_list:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, cache_dir):
-    config = _small_config(1)
-    config.data.source = "ul2"
-    config.data.ul2.cache_dir = cache_dir
-    config.train.encoder_length = config.train.decoder_length = LENGTH
-    workdir = str(tmp_path_factory.mktemp("lm_eval") / "run")
-    loop.train(config, workdir)
-    return workdir
+def run_dir(ul2_run):
+    return ul2_run
 
 
 def _write_tasks(directory) -> None:

@@ -1,0 +1,146 @@
+"""Generate text from a training run's checkpoint (t5g2/generate.py: encode once, cached decode).
+
+    python -m launch.generate --workdir workdir/tiny --prompt "The data pipeline" [--prompt ...]
+    python -m launch.generate --workdir <run> --prompts prompts.jsonl --max_new_tokens 64 \
+        --temperature 0.8 --top_k 40 --top_p 0.95 --seed 0 --json
+
+Each prompt is read as the run's prefix-LM (S) denoiser reads its input: [mode token] + prompt
++ EOS (`--mode_token=` for none); the tokenizer is the run's own. `--prompts` is a JSONL file of
+{"prompt": "..."} lines. The generated text goes to stdout, one line per prompt (or one JSON
+object with `--json`); time to first token (encoder + prefill + first token, a warm call),
+decode tokens/s after it, and peak memory (the device's, where it reports one, and the host
+process's) go to stderr, and into the JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+
+from absl import flags
+
+from launch import cli
+from t5g2.configlib import ConfigError
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "the training run's workdir (a path or gs:// URL)")
+_STEP = flags.DEFINE_integer("step", None, "the checkpoint step (default: the latest)")
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "a prompt (repeatable)")
+_PROMPTS = flags.DEFINE_string("prompts", None, 'a JSONL file of {"prompt": "..."} lines')
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 32, "tokens to generate per prompt, at most")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy; else sample")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "sample from the k most likely tokens (0: all)")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "sample from the nucleus of this mass (1: all)")
+_SEED = flags.DEFINE_integer("seed", 0, "the sampling PRNG seed")
+_MODE_TOKEN = flags.DEFINE_string("mode_token", "[S]", "the denoiser mode token to lead each "
+                                  "prompt ('' for none)")
+_CONTEXT_SCALE = flags.DEFINE_float("context_scale", 1.0, "run at this many times the training "
+                                    "context (global layers' RoPE interpolated)")
+_DTYPE = flags.DEFINE_string("dtype", None, "compute dtype (default: the run's), e.g. float32")
+_JSON = flags.DEFINE_bool("json", False, "print one JSON object with texts and timings")
+flags.mark_flags_as_required(["workdir"])
+
+
+def read_prompts(prompts: list[str], path: str | None) -> list[str]:
+    """The --prompt values, then the --prompts file's; an empty one or a bad line is an error."""
+    texts = list(prompts)
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--prompts={path}: {e}") from e
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"--prompts={path} line {number} is not JSON: {e}") from e
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise ConfigError(f'--prompts={path} line {number}: give {{"prompt": "..."}}')
+            texts.append(row["prompt"])
+    if not texts:
+        raise ConfigError("no prompt: give --prompt TEXT (repeatable) or --prompts FILE.jsonl")
+    for i, text in enumerate(texts, 1):
+        if not text.strip():
+            raise ConfigError(f"prompt {i} is empty")
+    return texts
+
+
+def main(argv):
+    del argv
+    cli.setup_logging()
+    texts = read_prompts(_PROMPT.value, _PROMPTS.value)
+    if _MAX_NEW.value <= 0:
+        raise ConfigError(f"--max_new_tokens={_MAX_NEW.value} must be a positive integer")
+    import jax
+    import numpy as np
+
+    from t5g2.generate import Sampling, generate
+    from t5g2.train.export import load_run, run_vocabulary
+    from t5g2.train.loop import check_vocabulary_fits_model
+
+    sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+    run = load_run(_WORKDIR.value, _STEP.value, _CONTEXT_SCALE.value, dtype=_DTYPE.value)
+    vocab = run_vocabulary(run.config)
+    if vocab is None:
+        raise ConfigError(f"{_WORKDIR.value} trained on data.source="
+                          f"{run.config['data']['source']!r}, which has no tokenizer")
+    check_vocabulary_fits_model(vocab, run.model_cfg)
+    head = [] if not _MODE_TOKEN.value else [vocab.mode_id(_MODE_TOKEN.value)] \
+        if _MODE_TOKEN.value in vocab.mode_tokens else None
+    if head is None:
+        raise ConfigError(f"--mode_token={_MODE_TOKEN.value!r} is not one of the run's mode "
+                          f"tokens {list(vocab.mode_tokens)}; or --mode_token=")
+    rows = [head + [int(t) for t in vocab.encode(text)] + [vocab.eos_id] for text in texts]
+    enc = np.full((len(rows), max(map(len, rows))), run.model_cfg.pad_id, np.int32)
+    for i, row in enumerate(rows):
+        enc[i, :len(row)] = row
+    train = run.config["train"]
+    limit = int(max(train["encoder_length"], train["decoder_length"]) * _CONTEXT_SCALE.value)
+    for i, row in enumerate(rows, 1):
+        if len(row) > limit:
+            raise ConfigError(f"prompt {i} is {len(row)} tokens with its mode token and EOS, "
+                              f"longer than the run's context of {limit} (its training lengths "
+                              f"x --context_scale={_CONTEXT_SCALE.value:g}): shorten it or raise "
+                              "--context_scale")
+    key = jax.random.key(_SEED.value)
+
+    def timed(max_new_tokens):  # a compiling call, then the measured one
+        call = lambda: generate(run.model, enc, max_new_tokens=max_new_tokens,  # noqa: E731
+                                sampling=sampling, key=key, max_positions=limit)
+        call()
+        began = time.perf_counter()
+        out = call()
+        return out, time.perf_counter() - began
+
+    _, first = timed(1)
+    out, total = timed(_MAX_NEW.value)
+    new_tokens = int(out.lengths.sum())
+    decoded = [vocab.decode(out.tokens[i, :out.lengths[i]]) for i in range(len(texts))]
+    stats = dict(prompts=len(texts), new_tokens=new_tokens, time_to_first_token_s=first,
+                 decode_tokens_per_s=(new_tokens - len(texts)) / max(total - first, 1e-9),
+                 peak_host_memory_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                 * 1024)
+    device_stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in device_stats:
+        stats["peak_device_memory_bytes"] = int(device_stats["peak_bytes_in_use"])
+    if _JSON.value:
+        print(json.dumps(dict(step=run.step, results=[
+            dict(prompt=t, text=d, tokens=out.tokens[i, :out.lengths[i]].tolist())
+            for i, (t, d) in enumerate(zip(texts, decoded))], **stats)))
+    else:
+        for text, generated in zip(texts, decoded):
+            print(f"{text}\n  -> {generated}")
+    print("step %d: %d prompts, %d new tokens; time to first token %.3f s, decode %.1f "
+          "tokens/s, peak host memory %.0f MiB%s" % (
+              run.step, len(texts), new_tokens, first, stats["decode_tokens_per_s"],
+              stats["peak_host_memory_bytes"] / 2**20,
+              f", peak device memory {stats['peak_device_memory_bytes'] / 2**20:.0f} MiB"
+              if "peak_device_memory_bytes" in stats else ""), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    cli.run(main)
