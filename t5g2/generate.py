@@ -8,8 +8,9 @@ token (greedy, or temperature / top-k / top-p sampling with an explicit PRNG key
 cached decoder step per iteration, until `max_new_tokens` or every row has emitted EOS (a
 finished row emits pad).
 
-Inputs are right-padded: encoder segment ids 0 mark padding (by default, tokens equal to pad_id),
-and decoder prompts are rows of tokens followed by pad_id.
+Rows are padded on the left or the right, as a batch comes: encoder segment ids 0 mark padding
+(by default, tokens equal to pad_id), pad_id marks a decoder prompt's; every row's tokens take
+positions 0, 1, ... wherever its padding is, so a row decodes as it would alone.
 """
 
 from __future__ import annotations
@@ -94,11 +95,12 @@ def generate(model: T5Gemma2, encoder_tokens, *, max_new_tokens: int, encoder_se
              decoder_prompt=None, sampling: Sampling = GREEDY, key: jax.Array | None = None,
              eos_id: int | None = None, max_positions: int | None = None,
              return_logits: bool = False) -> Generated:
-    """Continues each encoder input [B, S] (right-padded) with up to `max_new_tokens` tokens.
+    """Continues each encoder input [B, S] (padded left or right) with up to `max_new_tokens`
+    tokens.
 
     decoder_prompt [B, P]: a prefix per row (starting with bos, as training's decoder inputs
-    do), right-padded with pad_id; None starts every row from bos alone. `key` is required to
-    sample. `eos_id` defaults to the model's. `max_positions`: the longest encoder input and
+    do), padded with pad_id on the left or the right; None starts every row from bos alone.
+    `key` is required to sample. `eos_id` defaults to the model's. `max_positions`: the longest encoder input and
     decoder sequence (prompt + new tokens) allowed, e.g. the context the model serves.
     """
     cfg = model.config
@@ -118,13 +120,12 @@ def generate(model: T5Gemma2, encoder_tokens, *, max_new_tokens: int, encoder_se
         raise ConfigError(f"decoder_prompt of shape {prompt.shape} does not match the "
                           f"{enc.shape[0]} encoder inputs: give [batch, prefix_length]")
     prompt_seg = (prompt != cfg.pad_id).astype(np.int32)
-    for name, seg in (("encoder input", enc_seg), ("decoder prompt", prompt_seg)):
-        empty = np.flatnonzero(seg.sum(axis=1) == 0)
-        if empty.size:
-            raise ConfigError(f"{name} row {int(empty[0])} is empty (all padding)")
-    if np.any(np.diff(prompt_seg, axis=1) > 0):
-        raise ConfigError("decoder_prompt must be right-padded: pad_id only after a row's "
-                          "tokens")
+    for name, seg in (("encoder input", enc_seg != 0), ("decoder prompt", prompt_seg)):
+        runs = seg[:, 0] + np.sum(np.diff(seg.astype(np.int32), axis=1) > 0, axis=1)
+        for row in np.flatnonzero(runs != 1)[:1]:
+            raise ConfigError(f"{name} row {int(row)} " + (
+                "is empty (all padding)" if runs[row] == 0 else
+                "has padding between its tokens: pad a row on the left or on the right only"))
     total = prompt.shape[1] + int(max_new_tokens)
     if max_positions is not None:
         for name, value in (("encoder input length", enc.shape[1]),
@@ -158,7 +159,7 @@ def _generate(graphdef, state, enc, enc_seg, prompt, prompt_seg, key, eos_id, *,
     model = nnx.merge(graphdef, state)
     pad_id = model.config.pad_id
     batch = enc.shape[0]
-    enc_pos = jnp.broadcast_to(jnp.arange(enc.shape[1], dtype=jnp.int32), enc.shape)
+    enc_pos = _positions(enc_seg)
     encoded = model.encode(enc, enc_seg, enc_pos)
     cache = model.new_decode_cache(encoded, prompt.shape[1] + max_new_tokens)
 
@@ -166,10 +167,11 @@ def _generate(graphdef, state, enc, enc_seg, prompt, prompt_seg, key, eos_id, *,
         last = jnp.take_along_axis(hidden, index[:, None, None], axis=1)
         return model.logits(last)[:, 0].astype(jnp.float32)
 
-    prompt_pos = jnp.broadcast_to(jnp.arange(prompt.shape[1], dtype=jnp.int32), prompt.shape)
-    hidden, cache = model.decode_cached(prompt, cache, enc_seg, prompt_seg, prompt_pos, enc_pos)
+    hidden, cache = model.decode_cached(prompt, cache, enc_seg, prompt_seg,
+                                        _positions(prompt_seg), enc_pos)
     prompt_len = prompt_seg.sum(axis=1).astype(jnp.int32)
-    logits = logits_at(hidden, prompt_len - 1)
+    last = prompt.shape[1] - 1 - jnp.argmax(prompt_seg[:, ::-1], axis=1)  # a row's last token
+    logits = logits_at(hidden, last.astype(jnp.int32))
     tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
     seen = jnp.zeros((batch, max_new_tokens, logits.shape[-1]) if return_logits else (0,),
                      jnp.float32)
@@ -196,3 +198,8 @@ def _generate(graphdef, state, enc, enc_seg, prompt, prompt_seg, key, eos_id, *,
     carry = (jnp.int32(0), logits, cache, key, done, tokens, seen)
     _, _, _, _, _, tokens, seen = jax.lax.while_loop(running, step, carry)
     return tokens, (seen if return_logits else None)
+
+
+def _positions(segment_ids: jax.Array) -> jax.Array:
+    """0, 1, ... over each row's tokens (segment != 0), wherever its padding is."""
+    return jnp.maximum(jnp.cumsum(segment_ids != 0, axis=1, dtype=jnp.int32) - 1, 0)

@@ -40,6 +40,12 @@ def _encoder_batch(cfg, lengths=(10, 6, 3), seed=0):
     return enc, (enc != cfg.pad_id).astype(np.int32)
 
 
+def _pad_left(tokens, segment_ids):
+    """Right-padded rows moved to the right end of the row: their padding (0) now leads."""
+    return np.stack([np.roll(row, row.size - int(n))
+                     for row, n in zip(tokens, np.asarray(segment_ids).sum(axis=1))])
+
+
 def _recomputed_logits(model, enc, enc_seg, prompt, tokens):
     """Teacher-forced logits [B, N, V] for each generated token, from `decode` on the whole
     prefix (prompt + the tokens generated before it), without any cache."""
@@ -86,6 +92,11 @@ def test_cached_steps_equal_full_recompute(variant):
     assert np.abs(ref).max() > 1.0  # not a comparison of near-zero numbers
     assert np.abs(out.logits - ref).max() <= TOL
     np.testing.assert_array_equal(out.tokens, ref.argmax(-1))  # greedy picks the argmax
+    # The same batch padded on the left (encoder inputs and decoder prompts): the same logits,
+    # every row's tokens at positions 0, 1, ... as in the right-padded recompute.
+    left = generate(model, _pad_left(enc, enc_seg), decoder_prompt=_pad_left(prompt, prompt != 0),
+                    max_new_tokens=9, eos_id=NEVER, return_logits=True)
+    assert np.abs(left.logits - ref).max() <= TOL
     # Local layers keep a ring of the window, global layers every position.
     cache = jax.eval_shape(lambda: model.new_decode_cache(jnp.zeros((3, 10, 64)), 6 + 9))
     local, global_ = cache["periods"][0].self_kv, cache["periods"][1].self_kv
@@ -198,6 +209,10 @@ def test_bad_inputs_are_clear_errors():
         generate(model, enc, max_new_tokens=6, max_positions=6)
     with pytest.raises(ConfigError, match="encoder input row 1 is empty"):
         generate(model, np.array([[5, 6], [0, 0]]), max_new_tokens=2)
+    with pytest.raises(ConfigError, match="decoder prompt row 1 has padding between its tokens"):
+        generate(model, enc, decoder_prompt=np.array([[2, 5, 0], [2, 0, 5]]), max_new_tokens=2)
+    with pytest.raises(ConfigError, match="encoder input row 0 has padding between"):
+        generate(model, np.array([[5, 0, 6], [0, 5, 6]]), max_new_tokens=2)
     with pytest.raises(ConfigError, match="needs a PRNG key"):
         generate(model, enc, max_new_tokens=2, sampling=Sampling(temperature=1.0))
     with pytest.raises(ConfigError, match="top_p=0"):
