@@ -137,13 +137,20 @@ def generate(model: T5Gemma2, encoder_tokens, *, max_new_tokens: int, encoder_se
         raise ConfigError(f"sampling with temperature={sampling.temperature} needs a PRNG key "
                           "(key=jax.random.key(seed))")
     key = jax.random.key(0) if key is None else key
+    rows = enc.shape[0]
+    active = sharding.active_mesh()
+    if active is not None:  # a batch the mesh's batch axes divide: copies of row 0 fill it
+        fill = -rows % sharding.batch_divisor(*active)
+        enc, enc_seg, prompt, prompt_seg = (np.concatenate([x, np.repeat(x[:1], fill, 0)])
+                                            for x in (enc, enc_seg, prompt, prompt_seg))
     graphdef, state = nnx.split(model)
     tokens, logits = _generate(
         graphdef, state, jnp.asarray(enc, jnp.int32), jnp.asarray(enc_seg),
         jnp.asarray(prompt, jnp.int32), jnp.asarray(prompt_seg), key,
         jnp.int32(cfg.eos_id if eos_id is None else eos_id), max_new_tokens=int(max_new_tokens),
-        sampling=sampling, return_logits=return_logits, mesh_rules=sharding.active_mesh())
-    tokens = np.asarray(tokens)
+        sampling=sampling, return_logits=return_logits, mesh_rules=active)
+    tokens = np.asarray(tokens)[:rows]
+    logits = None if logits is None else logits[:rows]
     is_eos = tokens == (cfg.eos_id if eos_id is None else eos_id)
     lengths = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1) + 1, tokens.shape[1])
     return Generated(tokens, lengths, None if logits is None else np.asarray(logits))

@@ -150,10 +150,15 @@ def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES)
     return NamedSharding(mesh, PartitionSpec(dict(rules)["batch"], None))
 
 
+def batch_divisor(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> int:
+    """The number of shards of the batch axis: a global batch's size must be a multiple."""
+    return _axis_size(mesh, dict(rules)["batch"])
+
+
 def check_batch_fits_mesh(global_batch: int, mesh: Mesh,
                           rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> None:
     axes = dict(rules)["batch"]
-    n = _axis_size(mesh, axes)
+    n = batch_divisor(mesh, rules)
     if global_batch % n:
         raise ShardingError(f"train.batch_size={global_batch} is not divisible by the data axes "
                             f"{axes} of size {n}")

@@ -220,12 +220,13 @@ def test_bad_inputs_are_clear_errors():
 
 
 def test_generation_under_a_sharded_mesh_matches_one_device():
-    """Batch over data x fsdp, kv heads over tensor (8 CPU devices): the same tokens and logits."""
+    """Batch over data x fsdp, kv heads over tensor (8 CPU devices): the same tokens and logits,
+    for a batch of 5 rows that the 4 batch shards do not divide (filled, then cut)."""
     from t5g2.sharding import make_mesh, use_mesh
 
     cfg = tiny_config(**SMALL)
     model = _random_model(cfg, seed=10)
-    enc, enc_seg = _encoder_batch(cfg, (10, 6, 3, 8), seed=11)
+    enc, enc_seg = _encoder_batch(cfg, (10, 6, 3, 8, 5), seed=11)
     plain = generate(model, enc, max_new_tokens=6, return_logits=True)
     with use_mesh(make_mesh({"data": 2, "fsdp": 2, "tensor": 2})):
         sharded = generate(model, enc, max_new_tokens=6, return_logits=True)
