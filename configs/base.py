@@ -95,14 +95,17 @@ def checkpoint(*, every=1000, keep=3, keep_period=0):
         restore_step=ml_collections.FieldReference(None, field_type=int), fallback=False))
 
 
-def evaluation(*, every=0, batches=2, holdout_documents=0):
+def evaluation(*, every=0, batches=2, holdout_documents=0, samples=0):
     """Held-out loss and token accuracy per denoiser of the UL2 mixture (t5g2/train/eval.py),
     logged every `every` steps and at the end (0: off; `python -m launch.eval` evaluates a
     checkpoint), over `batches` global batches per denoiser, from the last `holdout_documents`
     documents of data.ul2's source (then left out of training) or, with `source_paths` (paths or
-    globs), from those files, read with data.ul2's kind and field."""
+    globs), from those files, read with data.ul2's kind and field. At the end of a
+    single-process run, greedy generations for the first `samples` held-out inputs of each
+    denoiser are printed next to their targets (t5g2/train/samples.py)."""
     return ml_collections.ConfigDict(dict(every=every, batches=batches,
-                                          holdout_documents=holdout_documents, source_paths=()))
+                                          holdout_documents=holdout_documents, source_paths=(),
+                                          samples=samples))
 
 
 def config(model_cfg, train_cfg, mesh_cfg, *, name):

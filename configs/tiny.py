@@ -26,6 +26,7 @@ def get_config():
     # use: + 10 sentinels (what the T5Gemma 2 mixture needs at 128/128) stays below the EOI id.
     cfg.data.ul2.vocab_size = 480
     cfg.checkpoint.every = 100
-    # Held-out loss per denoiser every 100 steps, from the corpus's last 16 documents.
-    cfg.eval.update(every=100, batches=2, holdout_documents=16)
+    # Held-out loss per denoiser every 100 steps, from the corpus's last 16 documents; at the
+    # end, a greedy sample of each denoiser's first held-out input.
+    cfg.eval.update(every=100, batches=2, holdout_documents=16, samples=1)
     return cfg

@@ -47,6 +47,9 @@ def main(argv):
     result = loop.train(_CONFIG.value, workdir)
     logging.info("final metrics: %s", loop.summary(result.metrics))  # every process
     if jax.process_index() == 0:
+        if result.samples:
+            print("\ngreedy samples on held-out inputs (eval.samples):")
+            print("\n".join(sample.render() for sample in result.samples))
         print(f"\nstopped at step {result.step}{' (preempted)' if result.preempted else ''}\n"
               f"  workdir      {workdir}\n"
               f"  checkpoint   {result.checkpoint or 'none written'}\n"

@@ -22,6 +22,9 @@ from t5g2.train import eval as evaluation
 from t5g2.train import loop
 from t5g2.train.checkpoint import CheckpointError
 from t5g2.train.config import TrainConfig
+from t5g2.train.export import load_run, run_vocabulary
+from t5g2.train.samples import Sample, decode, packed_examples
+from t5g2.generate import generate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DENOISERS = ("R1", "X1", "X2", "X3", "S")  # the t5gemma2 mixture
@@ -143,6 +146,7 @@ def test_losses_equal_an_independent_computation(tmp_path, cache_dir, loss_chunk
 def test_training_logs_eval_and_launch_eval_reproduces_it(tmp_path, cache_dir):
     config = _config(tmp_path, cache_dir, steps=4)
     config.eval.every = 3  # at step 3 and at the end
+    config.eval.samples = 1
     config.checkpoint.every = 3
     workdir = tmp_path / "run"
     result = loop.train(config, str(workdir))
@@ -156,6 +160,22 @@ def test_training_logs_eval_and_launch_eval_reproduces_it(tmp_path, cache_dir):
     assert logged[3] != logged[4]  # the model trained in between
     assert all(0 < logged[4][f"eval/{d}/loss"] < 10 for d in DENOISERS)
     assert {k: result.metrics[k] for k in keys} == logged[4]
+
+    # eval.samples=1: each denoiser's first held-out example (row 0, segment 1), continued
+    # greedily by the final model, as generating it alone from the checkpoint does.
+    batches = evaluation.heldout_batches(config, TrainConfig.from_config_dict(config.train))
+    run = load_run(str(workdir))
+    vocab = run_vocabulary(run.config)
+    assert [s.denoiser for s in result.samples] == list(DENOISERS)
+    for sample in result.samples:
+        batch = batches[sample.denoiser][0]
+        enc = batch["encoder_input_tokens"][0][batch["encoder_segment_ids"][0] == 1]
+        target = batch["decoder_target_tokens"][0][batch["decoder_segment_ids"][0] == 1]
+        alone = generate(run.model, enc[None], max_new_tokens=len(target))
+        assert sample.input == vocab.decode(enc) and sample.target == vocab.decode(target)
+        words = re.sub(r"<extra_id_\d+>|^\[[A-Z]+\]", " ", sample.input)
+        assert re.search(r"\d", words) and not re.search(r"[a-z]", words)  # held-out text
+        assert sample.generated == decode(vocab, alone.tokens[0, :alone.lengths[0]])
 
     assert evaluation.evaluate_checkpoint(str(workdir), 3).metrics == logged[3]  # exactly
     proc = subprocess.run([sys.executable, "-m", "launch.eval", "--workdir", str(workdir)],
@@ -212,3 +232,29 @@ def test_the_step_timer_leaves_an_evaluation_out():
     with timer.excluded():  # t = 1 .. 5: an evaluation
         pass
     assert timer.measure(2)["step_time_s"] == (6.0 - 4.0) / 2  # t = 6, two steps
+
+
+def test_packed_examples_are_read_in_row_then_segment_order():
+    seg = np.array([[1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 0, 0]])
+    batch = dict(encoder_input_tokens=np.arange(12).reshape(2, 6) + 10,
+                 encoder_segment_ids=seg,
+                 decoder_target_tokens=np.arange(12).reshape(2, 6) + 50,
+                 decoder_segment_ids=np.array([[1, 2, 2, 0, 0, 0], [1, 1, 0, 0, 0, 0]]))
+    got = [(e.tolist(), t.tolist()) for e, t in packed_examples(batch, 3)]
+    assert got == [([10, 11], [50]), ([12, 13, 14], [51, 52]), ([16, 17, 18, 19], [56, 57])]
+    assert len(packed_examples(batch, 2)) == 2
+
+
+def test_a_sample_renders_as_three_aligned_lines():
+    text = Sample("X1", "a\nb", "c" * 400, "").render(width=20).splitlines()
+    assert text == ["[X1] input:     a⏎b", "     target:    " + "c" * 19 + "…",
+                    "     generated: "]
+
+
+def test_ids_beyond_the_tokenizer_read_as_their_number(cache_dir):
+    from t5g2.data.vocab import default_vocabulary
+
+    vocab = default_vocabulary(vocab_size=480, num_sentinels=10, cache_dir=cache_dir)
+    ids = vocab.encode("the data")
+    assert decode(vocab, list(ids) + [vocab.size, 7777] + list(ids)) == \
+        "the data<id 490><id 7777>the data"  # 480 pieces + 10 sentinels

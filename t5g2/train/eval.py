@@ -47,6 +47,7 @@ class EvalConfig:
     batches: int = 2
     holdout_documents: int = 0
     source_paths: tuple[str, ...] = ()
+    samples: int = 0
 
     @classmethod
     def from_config(cls, config: Any) -> "EvalConfig":
@@ -61,7 +62,8 @@ class EvalConfig:
         return cfg
 
     def validate(self) -> None:
-        for name, low in (("every", 0), ("batches", 1), ("holdout_documents", 0)):
+        for name, low in (("every", 0), ("batches", 1), ("holdout_documents", 0),
+                          ("samples", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"eval.{name}={value!r} must be an integer >= {low}")

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from flax import nnx
 
 from t5g2 import fs, sharding
 from t5g2.configlib import ConfigError
@@ -31,7 +32,8 @@ from t5g2.train.optimizer import learning_rate_schedule, make_optimizer
 from t5g2.train.peak import peak_flops_per_device
 from t5g2.train.shared_workdir import check_shared_workdir
 from t5g2.train.preemption import PreemptionWatch
-from t5g2.train.state import TrainState, abstract_train_state, state_shardings
+from t5g2.train.state import (TrainState, abstract_train_state, model_graphdef,
+                              state_shardings)
 from t5g2.train.step import make_train_step, optimizer_count
 
 log = logging.getLogger(__name__)
@@ -118,6 +120,7 @@ class RunResult:
     step: int  # the last step trained (or restored, when nothing was left to train)
     preempted: bool  # stopped early by SIGTERM, after saving a checkpoint at `step`
     checkpoint: str | None  # the last checkpoint directory written or restored
+    samples: list = dataclasses.field(default_factory=list)  # greedy held-out samples at the end
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
@@ -309,7 +312,29 @@ def _run(config, workdir, model_cfg, train_cfg, mesh, step_fn, source, checkpoin
     if preempted:
         log.warning("stopped at step %d on a termination request; checkpoint %s. Run the same "
                     "command to resume.", step, last_checkpoint)
-    return RunResult(metrics, step, preempted, last_checkpoint)
+        return RunResult(metrics, step, preempted, last_checkpoint)
+    return RunResult(metrics, step, preempted, last_checkpoint,
+                     final_samples(config, model_cfg, mesh, state.params, evaluator))
+
+
+def final_samples(config, model_cfg: ModelConfig, mesh, params, evaluator) -> list:
+    """Greedy samples of the held-out inputs (`eval.samples` per denoiser) by the final model.
+    Single-process runs only: with several processes, `python -m launch.generate` on the
+    checkpoint shows the same."""
+    count = evaluation.EvalConfig.from_config(config).samples if evaluator else 0
+    if not count:
+        return []
+    if jax.process_count() > 1:
+        log.info("eval.samples: skipped on a %d-process run; run python -m launch.generate on "
+                 "the last checkpoint", jax.process_count())
+        return []
+    from t5g2.train.export import run_vocabulary
+    from t5g2.train.samples import greedy_samples
+
+    graphdef, _ = model_graphdef(model_cfg)
+    with sharding.use_mesh(mesh):
+        return greedy_samples(nnx.merge(graphdef, params), run_vocabulary(config),
+                              evaluator.batches, count)
 
 
 # Step metrics the loop acts on rather than reports.
