@@ -25,6 +25,7 @@ Two parts:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -159,12 +160,16 @@ def bench_decode(cfg: ModelConfig, flat: dict[str, np.ndarray], batches: tuple[i
 
 def prefill_case(side: str, config: dict[str, Any], length: int, seed: int) -> dict[str, Any]:
     """One long request in this process: max_new_tokens=1 on an input of `length` tokens.
-    side: "t5g2" or an HF attn implementation ("hf_eager", "hf_sdpa")."""
+    side: "t5g2", "t5g2_local_only" (every encoder layer local: the part of the work that grows
+    linearly) or an HF attn implementation ("hf_eager", "hf_sdpa")."""
     cfg = ModelConfig.from_config_dict(config)
+    if side == "t5g2_local_only":
+        cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(
+            cfg.encoder, sliding_window_pattern=cfg.encoder.num_layers + 1))
     memory = PeakRSS()
     flat = random_params(cfg, seed)
     enc = encoder_inputs(cfg, 1, length, seed)
-    if side == "t5g2":
+    if side.startswith("t5g2"):
         call = t5g2_generator(t5g2_model(cfg, flat), enc)
         start = time.perf_counter()
         call(1)  # compiles
@@ -202,7 +207,8 @@ def run_prefill_case(side: str, cfg: ModelConfig, length: int, seed: int, timeou
     """`prefill_case` in a fresh Python process (under an address-space limit for the
     reference); an out-of-memory error, a kill or a timeout is the result, not a crash."""
     args = json.dumps(dict(side=side, config=cfg.to_dict(), length=length, seed=seed))
-    limit = None if side == "t5g2" or not memory_limit_gib else int(memory_limit_gib * GIB)
+    limit = None if side.startswith("t5g2") or not memory_limit_gib \
+        else int(memory_limit_gib * GIB)
 
     def limit_memory():
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -241,14 +247,14 @@ def available_memory_gib() -> float | None:
     return None
 
 
-def bench_prefill(cfg: ModelConfig, lengths: tuple[int, ...], attn: tuple[str, ...], seed: int,
+def bench_prefill(cfg: ModelConfig, lengths: tuple[int, ...], sides: tuple[str, ...], seed: int,
                   timeout_s: float, memory_limit_gib: float | None,
                   isolate: bool = True) -> dict[str, Any]:
     """Per side and length: time and peak memory, or why it failed. A side that failed at one
     length is not run at longer ones. isolate=False runs every case in this process, without
     a memory limit (a quick test)."""
     out: dict[str, Any] = {}
-    for side in ("t5g2", *(f"hf_{impl}" for impl in attn)):
+    for side in sides:
         rows, failed_at = {}, None
         for length in lengths:
             if failed_at is not None:
@@ -259,28 +265,33 @@ def bench_prefill(cfg: ModelConfig, lengths: tuple[int, ...], attn: tuple[str, .
             else:
                 rows[str(length)] = run_prefill_case(side, cfg, length, seed, timeout_s,
                                                      memory_limit_gib)
+            print(f"prefill {side} {length}: {rows[str(length)]}", file=sys.stderr, flush=True)
             if "failed" in rows[str(length)]:
                 failed_at = length
         out[side] = rows
     out["encoder_forward_flops"] = {str(n): encoder_flops(cfg, n) for n in lengths}
-    ours = [out["t5g2"][str(n)] for n in lengths]
-    if len(lengths) > 1 and all("prefill_s" in r for r in ours):
-        out["t5g2_growth_per_doubling"] = [
-            dict(tokens=f"{a}->{b}", time=round(rb["prefill_s"] / ra["prefill_s"], 2),
-                 memory=round(rb["peak_rss_delta_mib"] / max(ra["peak_rss_delta_mib"], 1e-3), 2))
-            for a, b, ra, rb in zip(lengths, lengths[1:], ours, ours[1:])]
+    out["growth_per_doubling"] = {side: growth(lengths, [out[side][str(n)] for n in lengths])
+                                  for side in sides}
     return out
+
+
+def growth(lengths: tuple[int, ...], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Time and peak-memory ratios between successive lengths, where both ran."""
+    return [dict(tokens=f"{a}->{b}", time=round(rb["prefill_s"] / ra["prefill_s"], 2),
+                 memory=round(rb["peak_rss_delta_mib"] / max(ra["peak_rss_delta_mib"], 1e-3), 2))
+            for a, b, ra, rb in zip(lengths, lengths[1:], rows, rows[1:])
+            if "prefill_s" in ra and "prefill_s" in rb]
 
 
 # --------------------------------------------------------------------------- the benchmark
 
 def run(config: ml_collections.ConfigDict, *, batches=(1, 8), encoder_length: int = 128,
         new_tokens: int = 32, repeats: int = 5, attn=("sdpa", "eager"),
-        prefill_lengths=PREFILL_LENGTHS, query_chunk: int = 1024, timeout_s: float = 1200,
-        memory_limit_gib: float | None = None, seed: int = 0,
+        prefill_lengths=PREFILL_LENGTHS, prefill_sides=None, query_chunk: int = 1024,
+        timeout_s: float = 1200, memory_limit_gib: float | None = None, seed: int = 0,
         isolate: bool = True) -> dict[str, Any]:
-    import dataclasses
-
+    """The whole benchmark as one JSON-able dict; no batches: no decode part, no lengths: no
+    prefill part. prefill_sides default: t5g2, t5g2_local_only and hf_<attn> for each attn."""
     if new_tokens < 2 or repeats < 1:
         raise ValueError(f"new_tokens={new_tokens} must be >= 2 and repeats={repeats} >= 1")
     cfg = dataclasses.replace(model_config(config), attention_query_chunk=query_chunk)
@@ -296,12 +307,12 @@ def run(config: ml_collections.ConfigDict, *, batches=(1, 8), encoder_length: in
                                "model built; t5g2: also compiled)"),
                      reference_memory_limit_gib=memory_limit_gib, timeout_s=timeout_s))
     out["environment"].update(machine.package_versions(("torch", "transformers")))
-    flat = random_params(cfg, seed)
-    out["decode"].update(bench_decode(cfg, flat, tuple(batches), encoder_length, new_tokens,
-                                      repeats, tuple(attn), seed))
-    del flat
+    if batches:
+        out["decode"].update(bench_decode(cfg, random_params(cfg, seed), tuple(batches),
+                                          encoder_length, new_tokens, repeats, tuple(attn), seed))
     if prefill_lengths:
-        out["prefill"].update(bench_prefill(cfg, tuple(prefill_lengths), tuple(attn), seed,
+        sides = prefill_sides or ("t5g2", "t5g2_local_only", *(f"hf_{a}" for a in attn))
+        out["prefill"].update(bench_prefill(cfg, tuple(prefill_lengths), tuple(sides), seed,
                                             timeout_s, memory_limit_gib, isolate))
     out["environment"]["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
     return out
@@ -311,13 +322,15 @@ def main(argv=None) -> None:
     from absl import flags
 
     def define():
-        flags.DEFINE_list("batches", ["1", "8"], "decode batch sizes")
+        flags.DEFINE_list("batches", ["1", "8"], "decode batch sizes ('' for no decode part)")
         flags.DEFINE_integer("encoder_length", 128, "decode part: encoder tokens per row")
         flags.DEFINE_integer("new_tokens", 32, "decode part: tokens generated per row")
         flags.DEFINE_integer("repeats", 5, "timed calls per measurement (median)")
         flags.DEFINE_list("attn", ["sdpa", "eager"], "HF attn_implementation(s)")
         flags.DEFINE_list("prefill_lengths", [str(n) for n in PREFILL_LENGTHS],
                           "prefill part: input lengths ('' for none)")
+        flags.DEFINE_list("prefill_sides", None, "prefill part: of t5g2, t5g2_local_only, "
+                          "hf_sdpa, hf_eager (default: both t5g2 and hf_<attn>)")
         flags.DEFINE_integer("query_chunk", 1024, "t5g2's encoder attention query chunk")
         flags.DEFINE_float("timeout_s", 1200, "prefill part: seconds per (side, length)")
         flags.DEFINE_float("memory_limit_gib", None, "the reference's address-space limit "
@@ -327,6 +340,7 @@ def main(argv=None) -> None:
         return run(config, batches=tuple(int(b) for b in f.batches),
                    encoder_length=f.encoder_length, new_tokens=f.new_tokens, repeats=f.repeats,
                    attn=tuple(f.attn), prefill_lengths=tuple(int(n) for n in f.prefill_lengths),
+                   prefill_sides=tuple(f.prefill_sides) if f.prefill_sides else None,
                    query_chunk=f.query_chunk, timeout_s=f.timeout_s,
                    memory_limit_gib=f.memory_limit_gib)
 

@@ -202,7 +202,7 @@ def test_generate_benchmark_reports_both_sides_and_equal_tokens():
         for side in ("t5g2", "hf_sdpa"):
             assert row[side]["time_to_first_token_s"] > 0
     prefill = out["prefill"]
-    for side in ("t5g2", "hf_sdpa"):
+    for side in ("t5g2", "t5g2_local_only", "hf_sdpa"):
         for n in ("64", "128"):
             assert prefill[side][n]["prefill_s"] > 0 and "failed" not in prefill[side][n]
     # the same weights and input: the same first token
@@ -212,4 +212,4 @@ def test_generate_benchmark_reports_both_sides_and_equal_tokens():
     assert split["matmuls"] == parts["encoder_matmuls"]
     assert split["local_attention"] + split["global_attention"] == parts["encoder_attention"]
     assert split["global_attention"] == 4 * 4 * 16 * 128 * 128  # 4 heads of 16, all pairs
-    assert len(prefill["t5g2_growth_per_doubling"]) == 1
+    assert [len(prefill["growth_per_doubling"][side]) for side in ("t5g2", "hf_sdpa")] == [1, 1]
