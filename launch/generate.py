@@ -1,11 +1,17 @@
-"""Generate text from a training run's checkpoint (t5g2/generate.py: encode once, cached decode).
+"""Generate text from a training run's checkpoint or a Hugging Face T5Gemma 2 directory
+(t5g2/generate.py: encode once, cached decode).
 
     python -m launch.generate --workdir workdir/tiny --prompt "The data pipeline" [--prompt ...]
     python -m launch.generate --workdir <run> --prompts prompts.jsonl --max_new_tokens 64 \
         --temperature 0.8 --top_k 40 --top_p 0.95 --seed 0 --json
+    python -m launch.generate --hf <dir with config.json, safetensors, tokenizer.model> ...
 
-Each prompt is read as the run's prefix-LM (S) denoiser reads its input: [mode token] + prompt
-+ EOS (`--mode_token=` for none); the tokenizer is the run's own. `--prompts` is a JSONL file of
+Exactly one of --workdir and --hf. Each prompt is read as the run's prefix-LM (S) denoiser
+reads its input: [mode token] + prompt + EOS (`--mode_token=` for none). The tokenizer is the
+run's own, or the directory's tokenizer.model (t5g2/inference_source.py): a directory written by
+`launch.export` names the run's mode tokens too, so it generates what the run does; another has
+none, and then the default is no mode token. A prompt may be as long as the run's training
+lengths (a directory's max_position_embeddings) x --context_scale. `--prompts` is a JSONL file of
 {"prompt": "..."} lines. The generated text goes to stdout, one line per prompt (or one JSON
 object with `--json`); time to first token (encoder + prefill + first token, a warm call),
 decode tokens/s after it, and peak memory (the device's, where it reports one, and the host
@@ -24,7 +30,10 @@ from absl import flags
 from launch import cli
 from t5g2.configlib import ConfigError
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "the training run's workdir (a path or gs:// URL)")
+_WORKDIR = flags.DEFINE_string("workdir", None, "the training run's workdir (a path or gs:// URL)"
+                               "; or give --hf")
+_HF = flags.DEFINE_string("hf", None, "a Hugging Face T5Gemma 2 directory (config.json, "
+                          "safetensors, tokenizer.model); or give --workdir")
 _STEP = flags.DEFINE_integer("step", None, "the checkpoint step (default: the latest)")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "a prompt (repeatable)")
 _PROMPTS = flags.DEFINE_string("prompts", None, 'a JSONL file of {"prompt": "..."} lines')
@@ -33,13 +42,14 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy; else sample")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "sample from the k most likely tokens (0: all)")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "sample from the nucleus of this mass (1: all)")
 _SEED = flags.DEFINE_integer("seed", 0, "the sampling PRNG seed")
-_MODE_TOKEN = flags.DEFINE_string("mode_token", "[S]", "the denoiser mode token to lead each "
-                                  "prompt ('' for none)")
+_MODE_TOKEN = flags.DEFINE_string("mode_token", None, "the denoiser mode token to lead each "
+                                  "prompt ('' for none; default [S] where the model has mode "
+                                  "tokens, else none)")
 _CONTEXT_SCALE = flags.DEFINE_float("context_scale", 1.0, "run at this many times the training "
                                     "context (global layers' RoPE interpolated)")
-_DTYPE = flags.DEFINE_string("dtype", None, "compute dtype (default: the run's), e.g. float32")
+_DTYPE = flags.DEFINE_string("dtype", None, "compute dtype (default: the run's, or the "
+                             "directory's parameter dtype), e.g. float32")
 _JSON = flags.DEFINE_bool("json", False, "print one JSON object with texts and timings")
-flags.mark_flags_as_required(["workdir"])
 
 
 def read_prompts(prompts: list[str], path: str | None) -> list[str]:
@@ -79,37 +89,30 @@ def main(argv):
     import numpy as np
 
     from t5g2.generate import Sampling, generate
-    from t5g2.train.export import load_run, run_vocabulary
-    from t5g2.train.loop import check_vocabulary_fits_model
+    from t5g2.inference_source import open_source
 
     sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
-    run = load_run(_WORKDIR.value, _STEP.value, _CONTEXT_SCALE.value, dtype=_DTYPE.value)
-    vocab = run_vocabulary(run.config)
-    if vocab is None:
-        raise ConfigError(f"{_WORKDIR.value} trained on data.source="
-                          f"{run.config['data']['source']!r}, which has no tokenizer")
-    check_vocabulary_fits_model(vocab, run.model_cfg)
-    head = [] if not _MODE_TOKEN.value else [vocab.mode_id(_MODE_TOKEN.value)] \
-        if _MODE_TOKEN.value in vocab.mode_tokens else None
-    if head is None:
-        raise ConfigError(f"--mode_token={_MODE_TOKEN.value!r} is not one of the run's mode "
-                          f"tokens {list(vocab.mode_tokens)}; or --mode_token=")
+    source = open_source(_WORKDIR.value, _HF.value, step=_STEP.value,
+                         context_scale=_CONTEXT_SCALE.value, dtype=_DTYPE.value)
+    vocab = source.vocab
+    head = source.mode_head(_MODE_TOKEN.value)
     rows = [head + [int(t) for t in vocab.encode(text)] + [vocab.eos_id] for text in texts]
-    enc = np.full((len(rows), max(map(len, rows))), run.model_cfg.pad_id, np.int32)
+    enc = np.full((len(rows), max(map(len, rows))), source.model_cfg.pad_id, np.int32)
     for i, row in enumerate(rows):
         enc[i, :len(row)] = row
-    train = run.config["train"]
-    limit = int(max(train["encoder_length"], train["decoder_length"]) * _CONTEXT_SCALE.value)
+    limit = source.max_positions
     for i, row in enumerate(rows, 1):
         if len(row) > limit:
             raise ConfigError(f"prompt {i} is {len(row)} tokens with its mode token and EOS, "
-                              f"longer than the run's context of {limit} (its training lengths "
-                              f"x --context_scale={_CONTEXT_SCALE.value:g}): shorten it or raise "
-                              "--context_scale")
+                              f"longer than the model's context of {limit} ("
+                              + ("its training lengths" if source.step is not None else
+                                 "config.json's max_position_embeddings")
+                              + f" x --context_scale={_CONTEXT_SCALE.value:g}): shorten it or "
+                              "raise --context_scale")
     key = jax.random.key(_SEED.value)
 
     def timed(max_new_tokens):  # a compiling call, then the measured one
-        call = lambda: generate(run.model, enc, max_new_tokens=max_new_tokens,  # noqa: E731
+        call = lambda: generate(source.model, enc, max_new_tokens=max_new_tokens,  # noqa: E731
                                 sampling=sampling, key=key, max_positions=limit)
         call()
         began = time.perf_counter()
@@ -119,7 +122,7 @@ def main(argv):
     _, first = timed(1)
     out, total = timed(_MAX_NEW.value)
     new_tokens = int(out.lengths.sum())
-    decoded = [vocab.decode(out.tokens[i, :out.lengths[i]]) for i in range(len(texts))]
+    decoded = [source.decode(out.tokens[i, :out.lengths[i]]) for i in range(len(texts))]
     stats = dict(prompts=len(texts), new_tokens=new_tokens, time_to_first_token_s=first,
                  decode_tokens_per_s=(new_tokens - len(texts)) / max(total - first, 1e-9),
                  peak_host_memory_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -128,15 +131,16 @@ def main(argv):
     if "peak_bytes_in_use" in device_stats:
         stats["peak_device_memory_bytes"] = int(device_stats["peak_bytes_in_use"])
     if _JSON.value:
-        print(json.dumps(dict(step=run.step, results=[
+        print(json.dumps(dict(step=source.step, source=source.name, results=[
             dict(prompt=t, text=d, tokens=out.tokens[i, :out.lengths[i]].tolist())
             for i, (t, d) in enumerate(zip(texts, decoded))], **stats)))
     else:
         for text, generated in zip(texts, decoded):
             print(f"{text}\n  -> {generated}")
-    print("step %d: %d prompts, %d new tokens; time to first token %.3f s, decode %.1f "
+    print("%s: %d prompts, %d new tokens; time to first token %.3f s, decode %.1f "
           "tokens/s, peak host memory %.0f MiB%s" % (
-              run.step, len(texts), new_tokens, first, stats["decode_tokens_per_s"],
+              source.name if source.step is None else f"step {source.step}", len(texts),
+              new_tokens, first, stats["decode_tokens_per_s"],
               stats["peak_host_memory_bytes"] / 2**20,
               f", peak device memory {stats['peak_device_memory_bytes'] / 2**20:.0f} MiB"
               if "peak_device_memory_bytes" in stats else ""), file=sys.stderr)

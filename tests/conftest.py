@@ -63,3 +63,14 @@ def ul2_run(tmp_path_factory, cache_dir):
     workdir = str(tmp_path_factory.mktemp("ul2_run") / "run")
     loop.train(config, workdir)
     return workdir
+
+
+@pytest.fixture(scope="session")
+def ul2_export(ul2_run, tmp_path_factory):
+    """`ul2_run` exported as a Hugging Face directory (config.json, safetensors,
+    tokenizer.model, t5g2_vocabulary.json)."""
+    from t5g2.train.export import export
+
+    out = str(tmp_path_factory.mktemp("ul2_export") / "hf")
+    export(ul2_run, out)
+    return out
