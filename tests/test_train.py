@@ -91,6 +91,9 @@ def test_launch_train_runs_from_a_config(tmp_path):
     assert list((tmp_path / "tensorboard").iterdir())
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["model"]["cross_attention"] == "merged"
+    # the main job's config ends with one greedy held-out sample per denoiser
+    assert [s.denoiser for s in result.samples] == ["R1", "X1", "X2", "X3", "S"]
+    assert all(s.input and s.target for s in result.samples)
 
 
 @pytest.mark.parametrize("field, value, message", [
