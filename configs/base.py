@@ -58,8 +58,11 @@ def mesh(*, data=-1, fsdp=1, tensor=1):
 def data(source: str = "ul2"):
     """The batch source. "ul2": the UL2 pipeline, `data.ul2` = t5g2.data.pipeline.PipelineConfig
     less the fields the train config and seed set (lengths, global batch, seed); by default the
-    embedded corpus and a sentencepiece model trained on it at first use. "synthetic": a copy
-    task; `distinct_batches=k` cycles through k batches (0: a new batch every step)."""
+    embedded corpus and a sentencepiece model trained on it at first use. "seqio": the seqio
+    task or mixture `data.seqio.task`, registered by importing the modules `data.seqio.modules`
+    (t5g2.data.seqio_tasks.SeqioSource: packed, sharded by process; needs the `seqio` extra).
+    "synthetic": a copy task; `distinct_batches=k` cycles through k batches (0: a new batch
+    every step)."""
     from t5g2.data.pipeline import PipelineConfig
 
     set_elsewhere = {"encoder_length", "decoder_length", "batch_size", "seed"}
@@ -72,8 +75,10 @@ def data(source: str = "ul2"):
             kind = {"str": str, "int": int, "tup": tuple}.get(str(field.type)[:3], object)
             default = ml_collections.FieldReference(default, field_type=kind)
         ul2[field.name] = default
+    seqio = dict(task=ml_collections.FieldReference(None, field_type=str), modules=())
     return ml_collections.ConfigDict(dict(source=source, distinct_batches=0,
-                                          ul2=ml_collections.ConfigDict(ul2)))
+                                          ul2=ml_collections.ConfigDict(ul2),
+                                          seqio=ml_collections.ConfigDict(seqio)))
 
 
 def init():

@@ -39,7 +39,7 @@ from t5g2.train.step import make_train_step, optimizer_count
 log = logging.getLogger(__name__)
 
 
-SOURCES = ("synthetic", "ul2")
+SOURCES = ("seqio", "synthetic", "ul2")
 
 
 def make_source(config: ml_collections.ConfigDict, model_cfg: ModelConfig,
@@ -48,11 +48,14 @@ def make_source(config: ml_collections.ConfigDict, model_cfg: ModelConfig,
 
     "ul2": the UL2 mixture-of-denoisers pipeline (t5g2.data.pipeline) with `config.data.ul2`;
     lengths, global batch and seed come from the train config and `config.seed`, so they are
-    set in one place. "synthetic": a copy task for smoke and sharding tests.
+    set in one place. "seqio": a registered seqio task or mixture (`config.data.seqio`), with
+    the same lengths, batch and seed. "synthetic": a copy task for smoke and sharding tests.
     """
     source = config.data.source
     if source == "ul2":
         return _ul2_source(config, model_cfg, train_cfg)
+    if source == "seqio":
+        return _seqio_source(config, model_cfg, train_cfg)
     if source == "synthetic":
         return SyntheticCopySource(
             global_batch_size=train_cfg.batch_size, encoder_length=train_cfg.encoder_length,
@@ -85,6 +88,48 @@ def _ul2_source(config, model_cfg: ModelConfig, train_cfg: TrainConfig):
                        documents=evaluation.training_documents(config, pipeline_cfg))
     check_vocabulary_fits_model(source.vocab, model_cfg)
     return source
+
+
+def _seqio_source(config, model_cfg: ModelConfig, train_cfg: TrainConfig):
+    """`data.seqio.task` through SeqioSource: imports `data.seqio.modules` (which register it),
+    checks that the name is registered and that its vocabularies fit the model."""
+    import importlib
+
+    settings = config.data.get("seqio") or {}
+    name, modules = settings.get("task"), tuple(settings.get("modules") or ())
+    if not name:
+        raise ConfigError("data.source='seqio' needs data.seqio.task: the name of a registered "
+                          "seqio task or mixture (and data.seqio.modules: the modules that "
+                          "register it)")
+    try:
+        import seqio
+
+        from t5g2.data.seqio_tasks import SeqioSource
+    except ImportError as e:
+        raise ConfigError(f"data.source='seqio' needs seqio and TensorFlow ({e}): pip install "
+                          "-r requirements-test.txt, or the package's seqio extra") from e
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ConfigError(f"data.seqio.modules: cannot import {module!r}: {e}") from e
+    try:
+        task = seqio.get_mixture_or_task(name)
+    except ValueError:
+        raise ConfigError(f"data.seqio.task={name!r} is not a registered seqio task or mixture"
+                          + (f" after importing {list(modules)}" if modules else
+                             "; name the module that registers it in data.seqio.modules")
+                          ) from None
+    for feature in ("inputs", "targets"):
+        size = task.output_features[feature].vocabulary.vocab_size
+        if size > model_cfg.vocab_size:
+            raise ConfigError(f"data.seqio.task={name!r}: its {feature} vocabulary has {size} "
+                              f"ids but model.vocab_size={model_cfg.vocab_size}")
+    return SeqioSource(name, inputs_length=train_cfg.encoder_length,
+                       targets_length=train_cfg.decoder_length,
+                       batch_size=sharding.host_local_batch_size(train_cfg.batch_size),
+                       seed=config.seed, shard_index=jax.process_index(),
+                       shard_count=jax.process_count(), start_id=model_cfg.bos_id)
 
 
 # The model's special ids the vocabulary also defines: BOS starts every decoder segment, PAD and
@@ -207,6 +252,10 @@ def _restore_data_position(source, restored, config) -> None:
         try:
             if restored.all_data is None:
                 source.set_state(restored.data)
+            elif not hasattr(source, "restore_position"):
+                raise ConfigError(f"{restored.path} was saved by {restored.data_process_count} "
+                                  f"processes, this run has {jax.process_count()}: "
+                                  f"data.source={now!r} resumes on the same number only")
             else:
                 log.info("%s was saved by %d processes, this run has %d: continuing its data "
                          "position on %d", restored.path, restored.data_process_count,
