@@ -1,8 +1,9 @@
 """Shared config structure. Each size file fills in the Gemma 3 dimensions and the run settings.
 
-Sections: `model` (t5g2.model.ModelConfig), `train` (t5g2.train.config.TrainConfig), `mesh`
-(t5g2.sharding), `data`, `init`, `checkpoint`, `eval`. Each is validated once at start; override
-any field from the command line, e.g.
+Sections: `model` (t5g2.model.ModelConfig), `train` (t5g2.train.config.TrainConfig), `mesh`,
+`data`, `init`, `checkpoint`, `eval`, declared as typed dataclasses (t5g2/run_config.py, whose
+defaults the sections below are built from) and validated together once at start
+(`RunConfig.from_config`); override any field from the command line, e.g.
 `--config.model.cross_attention=separate --config.mesh.fsdp=8`.
 """
 
@@ -51,8 +52,9 @@ def train(*, batch_size, encoder_length, decoder_length, steps, learning_rate=1e
 
 def mesh(*, data=-1, fsdp=1, tensor=1):
     """ICI axis sizes (one may be -1 = the rest) and DCN sizes (slices / hosts) per axis."""
-    return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor, dcn_data=1,
-                                          dcn_fsdp=1, dcn_tensor=1))
+    from t5g2.run_config import MeshConfig, config_section
+
+    return config_section(MeshConfig, data=data, fsdp=fsdp, tensor=tensor)
 
 
 def data(source: str = "ul2"):
@@ -64,30 +66,29 @@ def data(source: str = "ul2"):
     "synthetic": a copy task; `distinct_batches=k` cycles through k batches (0: a new batch
     every step)."""
     from t5g2.data.pipeline import PipelineConfig
+    from t5g2.run_config import UL2_SET_ELSEWHERE, SeqioConfig, config_section
 
-    set_elsewhere = {"encoder_length", "decoder_length", "batch_size", "seed"}
     ul2 = {}
     for field in dataclasses.fields(PipelineConfig):
-        if field.name in set_elsewhere:
+        if field.name in UL2_SET_ELSEWHERE:
             continue
         default = field.default
         if default is None or field.name == "mixture":  # optional, or a name or a list
             kind = {"str": str, "int": int, "tup": tuple}.get(str(field.type)[:3], object)
             default = ml_collections.FieldReference(default, field_type=kind)
         ul2[field.name] = default
-    seqio = dict(task=ml_collections.FieldReference(None, field_type=str), modules=())
     return ml_collections.ConfigDict(dict(source=source, distinct_batches=0,
                                           ul2=ml_collections.ConfigDict(ul2),
-                                          seqio=ml_collections.ConfigDict(seqio)))
+                                          seqio=config_section(SeqioConfig)))
 
 
 def init():
     """Where a fresh run's parameters come from (a workdir holding checkpoints always resumes):
     from_gemma3: a Hugging Face Gemma 3 directory, adapted into the encoder-decoder;
     from_t5gemma2: a Hugging Face T5Gemma 2 directory, to continue training; neither: random."""
-    return ml_collections.ConfigDict(dict(
-        from_gemma3=ml_collections.FieldReference(None, field_type=str),
-        from_t5gemma2=ml_collections.FieldReference(None, field_type=str)))
+    from t5g2.run_config import InitConfig, config_section
+
+    return config_section(InitConfig)
 
 
 def checkpoint(*, every=1000, keep=3, keep_period=0):
@@ -95,9 +96,9 @@ def checkpoint(*, every=1000, keep=3, keep_period=0):
     on SIGTERM), keeping the last `keep` plus every `keep_period`-th step (0: none). A run resumes
     from the latest, or from `restore_step`; `fallback` lets a corrupt latest checkpoint fall
     back to the newest good one instead of stopping."""
-    return ml_collections.ConfigDict(dict(
-        enabled=True, every=every, keep=keep, keep_period=keep_period, async_save=True,
-        restore_step=ml_collections.FieldReference(None, field_type=int), fallback=False))
+    from t5g2.run_config import CheckpointConfig, config_section
+
+    return config_section(CheckpointConfig, every=every, keep=keep, keep_period=keep_period)
 
 
 def evaluation(*, every=0, batches=2, holdout_documents=0, samples=0):
@@ -108,9 +109,11 @@ def evaluation(*, every=0, batches=2, holdout_documents=0, samples=0):
     globs), from those files, read with data.ul2's kind and field. At the end of a
     single-process run, greedy generations for the first `samples` held-out inputs of each
     denoiser are printed next to their targets (t5g2/train/samples.py)."""
-    return ml_collections.ConfigDict(dict(every=every, batches=batches,
-                                          holdout_documents=holdout_documents, source_paths=(),
-                                          samples=samples))
+    from t5g2.train.eval import EvalConfig
+    from t5g2.run_config import config_section
+
+    return config_section(EvalConfig, every=every, batches=batches,
+                          holdout_documents=holdout_documents, samples=samples)
 
 
 def config(model_cfg, train_cfg, mesh_cfg, *, name):

@@ -58,6 +58,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import grain
 import numpy as np
 
+from t5g2.configlib import ConfigError
 from t5g2.data.denoisers import (Mixture, denoise, mixture_from_config, raw_length,
                                  sample_denoiser, spans_needed)
 from t5g2.data.packing import pad_example, to_batch_contract
@@ -69,7 +70,7 @@ log = logging.getLogger(__name__)
 STATE_FORMAT = 2  # 1: one pipeline per process, read as shard process_index of process_count
 
 
-class PipelineConfigError(ValueError):
+class PipelineConfigError(ConfigError):
     """The pipeline configuration cannot work; the message names the field and the value."""
 
 

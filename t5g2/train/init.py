@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from t5g2.configlib import ConfigError
+from t5g2.configlib import ConfigError, build, to_dict
 from t5g2.convert import checkpoint_files, gemma3, hf_t5gemma2
 from t5g2.convert.checkpoint_files import CheckpointError
 from t5g2.model import ModelConfig, checkpoint_fields
@@ -35,11 +35,11 @@ RUN_FIELDS = checkpoint_fields.COMPUTE_FIELDS + checkpoint_fields.STORAGE_FIELDS
 
 def chosen_init(config: ml_collections.ConfigDict) -> tuple[str, str] | None:
     """("from_gemma3" | "from_t5gemma2", path) as configured, None for random; both is an error."""
-    chosen = [(k, config.init.get(k)) for k in ("from_gemma3", "from_t5gemma2")
-              if config.init.get(k)]
-    if len(chosen) > 1:
-        raise ConfigError(f"init.from_gemma3={chosen[0][1]!r} and init.from_t5gemma2="
-                          f"{chosen[1][1]!r} are both set: pick one")
+    from t5g2.run_config import InitConfig
+
+    init = build(InitConfig, to_dict(config.init), "init")
+    init.validate()  # at most one
+    chosen = [(k, getattr(init, k)) for k in ("from_gemma3", "from_t5gemma2") if getattr(init, k)]
     return chosen[0] if chosen else None
 
 

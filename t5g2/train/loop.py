@@ -18,11 +18,12 @@ import ml_collections
 from flax import nnx
 
 from t5g2 import fs, sharding
-from t5g2.configlib import ConfigError
+from t5g2.configlib import ConfigError, build, to_dict
 from t5g2.data.synthetic import SyntheticCopySource
 from t5g2.model import ModelConfig
 from t5g2.model.flops import batch_train_flops, train_flops
 from t5g2.model.params import count_params
+from t5g2.run_config import CheckpointConfig, RunConfig
 from t5g2.train import eval as evaluation
 from t5g2.train.checkpoint import Checkpointer, check_compatible, config_as_json
 from t5g2.train.config import SCHEDULE_FIELDS, TrainConfig
@@ -70,8 +71,10 @@ def pipeline_config(config, train_cfg: TrainConfig):
     """`data.ul2` completed by the lengths, global batch and seed, which are set elsewhere."""
     from t5g2.data.pipeline import PipelineConfig
 
+    from t5g2.run_config import UL2_SET_ELSEWHERE
+
     settings = dict(config["data"].get("ul2", {}))
-    taken = {"encoder_length", "decoder_length", "batch_size", "seed"} & set(settings)
+    taken = UL2_SET_ELSEWHERE & set(settings)
     if taken:
         raise ConfigError(f"data.ul2.{sorted(taken)[0]} is set by train.* / seed; remove it")
     return PipelineConfig.from_mapping(dict(
@@ -95,19 +98,15 @@ def _seqio_source(config, model_cfg: ModelConfig, train_cfg: TrainConfig):
     checks that the name is registered and that its vocabularies fit the model."""
     import importlib
 
-    settings = config.data.get("seqio") or {}
-    name, modules = settings.get("task"), tuple(settings.get("modules") or ())
-    if not name:
-        raise ConfigError("data.source='seqio' needs data.seqio.task: the name of a registered "
-                          "seqio task or mixture (and data.seqio.modules: the modules that "
-                          "register it)")
+    settings = RunConfig.from_config(config).data.seqio  # a task is named
+    name, modules = settings.task, settings.modules
     try:
         import seqio
 
         from t5g2.data.seqio_tasks import SeqioSource
     except ImportError as e:
         raise ConfigError(f"data.source='seqio' needs seqio and TensorFlow ({e}): pip install "
-                          "-r requirements-test.txt, or the package's seqio extra") from e
+                          "-e '.[seqio]' (the package's seqio extra)") from e
     for module in modules:
         try:
             importlib.import_module(module)
@@ -169,9 +168,10 @@ class RunResult:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
-    """Trains up to `config.train.steps`, resuming from the workdir's checkpoints if any."""
-    model_cfg = ModelConfig.from_config_dict(config.model)
-    train_cfg = TrainConfig.from_config_dict(config.train)
+    """Trains up to `config.train.steps`, resuming from the workdir's checkpoints if any. The
+    whole config is validated first (RunConfig): a bad field stops the run before any work."""
+    run_cfg = RunConfig.from_config(config)
+    model_cfg, train_cfg = run_cfg.model, run_cfg.train
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_model_fits_mesh(model_cfg, mesh)
     sharding.check_batch_fits_mesh(train_cfg.microbatch_size, mesh)
@@ -198,11 +198,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
 
 
 def make_checkpointer(config, workdir: str) -> Checkpointer | None:
-    ckpt = config.checkpoint
+    ckpt = build(CheckpointConfig, to_dict(config.checkpoint), "checkpoint")
+    ckpt.validate()
     if not ckpt.enabled:
-        set_anyway = [k for k in ("restore_step", "fallback") if ckpt.get(k)]
-        if set_anyway:
-            raise ConfigError(f"checkpoint.{set_anyway[0]} is set but checkpoint.enabled=False")
         return None
     return Checkpointer(workdir, every=ckpt.every, keep=ckpt.keep, keep_period=ckpt.keep_period,
                         async_save=ckpt.async_save)
