@@ -24,3 +24,7 @@ WORKDIR /t5g2
 COPY requirements.txt requirements-lock.txt ./
 RUN pip install -r requirements.txt "jax[${JAX_EXTRA}]" -c requirements-lock.txt
 COPY . .
+# The package itself (its dependencies are installed above): the t5g2-* commands, and configs
+# importable from anywhere. For data.source=seqio add its extra:
+# RUN pip install -e ".[seqio]" -c requirements-lock.txt
+RUN pip install --no-deps -e .

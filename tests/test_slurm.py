@@ -254,11 +254,11 @@ def test_a_gs_workdir_is_listed_through_the_filesystem_layer(tmp_path):
     the stand-in for launch.train saves step 30 into the bucket and exits 143."""
     bucket = tmp_path / "bucket"
     (bucket / "b" / "run" / "checkpoints" / "10").mkdir(parents=True)
-    in_fake_bucket = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
-                      "from tests.fake_store import fake_gcs\n"
+    # run from the checkout (the batch script's cd), where `tests` is importable
+    in_fake_bucket = ("import sys; from tests.fake_store import fake_gcs\n"
                       "with fake_gcs(sys.argv.pop(1)):\n"
                       "    exec(compile(sys.argv.pop(1), '<string>', 'exec'))")
-    listing = f"{shlex.quote(sys.executable)} -c {shlex.quote(in_fake_bucket)} {REPO} {bucket}"
+    listing = f"{shlex.quote(sys.executable)} -c {shlex.quote(in_fake_bucket)} {bucket}"
     python = _fake_python(tmp_path, f"""
 if [ "$1" = -c ]; then exec {listing} "$2" "${{@:3}}"; fi
 mkdir {bucket}/b/run/checkpoints/30
