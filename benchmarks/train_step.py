@@ -296,7 +296,7 @@ def bench_t5g2(cfg: ModelConfig, train_cfg: TrainConfig, batch: dict[str, np.nda
             temporaries=round(analysis.temp_size_in_bytes / MIB, 1),
             total=round((analysis.argument_size_in_bytes + analysis.output_size_in_bytes
                          - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes) / MIB, 1))
-    del holder, compiled, device_batch
+    holder = compiled = device_batch = None  # freed (one_step's cells too)
     return result, initial
 
 
@@ -414,7 +414,7 @@ def bench_hf(cfg: ModelConfig, train_cfg: TrainConfig, flat: dict[str, np.ndarra
                   rss_delta_before_steps_mib=before_steps, peak_rss_method=memory.method,
                   optimizer=f"torch.optim.AdamW (foreach={opt.defaults.get('foreach')})",
                   torch_num_threads=torch.get_num_threads())
-    del model, opt, params, inputs
+    model = opt = params = inputs = None  # freed (one_step's cells too)
     PeakRSS.release_free_memory()
     return result
 

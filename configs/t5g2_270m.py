@@ -1,4 +1,5 @@
-"""T5Gemma 2 270M-270M: two Gemma 3 270M stacks (18 layers, d 640, 4 q / 1 kv heads), 16K training."""
+"""T5Gemma 2 270M-270M: two Gemma 3 270M stacks (18 layers, d 640, 4 q / 1 kv heads), 16K
+training."""
 
 from configs import base
 

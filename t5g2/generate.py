@@ -100,8 +100,9 @@ def generate(model: T5Gemma2, encoder_tokens, *, max_new_tokens: int, encoder_se
 
     decoder_prompt [B, P]: a prefix per row (starting with bos, as training's decoder inputs
     do), padded with pad_id on the left or the right; None starts every row from bos alone.
-    `key` is required to sample. `eos_id` defaults to the model's. `max_positions`: the longest encoder input and
-    decoder sequence (prompt + new tokens) allowed, e.g. the context the model serves.
+    `key` is required to sample. `eos_id` defaults to the model's. `max_positions`: the longest
+    encoder input and decoder sequence (prompt + new tokens) allowed, e.g. the context the model
+    serves.
     """
     cfg = model.config
     enc = np.asarray(encoder_tokens)

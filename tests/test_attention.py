@@ -63,8 +63,12 @@ def test_blocked_attention_equals_dense_softmax(case, query_chunk, monkeypatch):
         out = fn(q, p)
         return jnp.sum(jnp.where(seg[..., None, None] > 0, out, 0) * jnp.cos(out)), out
 
-    blocked = lambda q, p: dot_product_attention(q, p, 0.3, query_chunk)
-    naive = lambda q, p: _naive(q, p, 0.3)
+    def blocked(q, p):
+        return dot_product_attention(q, p, 0.3, query_chunk)
+
+    def naive(q, p):
+        return _naive(q, p, 0.3)
+
     (_, ours), g_ours = jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True)(blocked, q, k, v)
     (_, ref), g_ref = jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True)(naive, q, k, v)
     real = np.asarray(seg) > 0

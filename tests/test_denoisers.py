@@ -267,7 +267,8 @@ def test_targets_length_too_short_names_the_numbers():
 
 
 def test_lengths_too_short_for_any_example_are_errors():
-    with pytest.raises(DenoiserError, match="denoiser R1 .* inputs_length=2; use inputs_length >= 4"):
+    with pytest.raises(DenoiserError,
+                       match="denoiser R1 .* inputs_length=2; use inputs_length >= 4"):
         raw_length(T5GEMMA2["R1"], 2, 64)
     with pytest.raises(DenoiserError, match="denoiser S .* needs inputs_length >= 4 and "
                                             "targets_length >= 3"):

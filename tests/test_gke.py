@@ -298,20 +298,20 @@ def job_failure(job_spec: dict, exit_code: int | None, conditions=()) -> tuple[s
     replaced. As kubernetes pkg/controller/job/pod_failure_policy.go: rules in order, the first
     match decides; FailJob fails the Job with reason PodFailurePolicy; Ignore replaces the pod;
     Count or no match counts the pod against backoffLimit."""
-    for index, rule in enumerate(job_spec.get("podFailurePolicy", {}).get("rules", [])):
+    for rule_index, rule in enumerate(job_spec.get("podFailurePolicy", {}).get("rules", [])):
         matched = None
         if "onExitCodes" in rule:
             req = rule["onExitCodes"]
             if (exit_code and req.get("containerName", "train") == "train"
                     and (exit_code in req["values"]) == (req["operator"] == "In")):
                 matched = (f"Container train for pod default/p failed with exit code {exit_code}"
-                           f" matching {rule['action']} rule at index {index}")
+                           f" matching {rule['action']} rule at index {rule_index}")
         elif "onPodConditions" in rule:
             for condition in conditions:
                 if any(p["type"] == condition and p.get("status", "True") == "True"
                        for p in rule["onPodConditions"]):
                     matched = (f"Pod default/p has condition {condition} matching "
-                               f"{rule['action']} rule at index {index}")
+                               f"{rule['action']} rule at index {rule_index}")
                     break
         if matched is None:
             continue

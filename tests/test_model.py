@@ -77,7 +77,8 @@ def test_packed_examples_do_not_see_each_other(cross_attention):
     cfg = tiny_config(cross_attention=cross_attention, **SMALL_STACK)
     model = T5Gemma2(cfg, rngs=nnx.Rngs(1))
     rng = np.random.default_rng(5)
-    lens = [(11, 9), (7, 6)]  # (encoder, decoder) lengths; both longer than the window 8 at least once
+    # (encoder, decoder) lengths; both longer than the window 8 at least once
+    lens = [(11, 9), (7, 6)]
     alone, encs, decs = [], [], []
     for s, t in lens:
         enc = rng.integers(3, 400, size=(1, s))

@@ -37,12 +37,14 @@ def _inputs(cfg, seed=0):
     return enc, enc_mask, dec, dec_mask
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS) + ["tiny_banded", "mqa_tail_odd_window_banded"])
+@pytest.mark.parametrize("variant",
+                         sorted(VARIANTS) + ["tiny_banded", "mqa_tail_odd_window_banded"])
 def test_logits_and_loss_match_reference(variant, monkeypatch):
     if variant.endswith("_banded"):  # blocks short enough that local layers skip far keys
         monkeypatch.setattr(attention, "MIN_BAND_BLOCK", 4)
         bands = []
-        monkeypatch.setattr(attention, "_band", lambda *a, f=attention._band: bands.append(1) or f(*a))
+        monkeypatch.setattr(attention, "_band",
+                            lambda *a, f=attention._band: bands.append(1) or f(*a))
         variant = variant.removesuffix("_banded")
     cfg = tiny_config(**VARIANTS[variant])
     hf = hf_t5gemma2_model(cfg, seed=1)

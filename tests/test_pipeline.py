@@ -2,7 +2,6 @@
 exact resume (0 and 2 worker processes), disjoint shares for 2 JAX processes, and clear errors."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

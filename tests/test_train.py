@@ -21,7 +21,8 @@ from tests.reference import SMALL_STACK, tiny_config
 CFG = tiny_config(**SMALL_STACK)
 
 
-def _setup(train_cfg, mesh_shape=dict(data=1, fsdp=1, tensor=1), optimizer=None):
+def _setup(train_cfg, mesh_shape=None, optimizer=None):
+    mesh_shape = mesh_shape or dict(data=1, fsdp=1, tensor=1)
     mesh = sharding.make_mesh(mesh_shape, jax.devices()[:int(np.prod(list(mesh_shape.values())))])
     tx, schedule = optimizer or make_optimizer(train_cfg)
     state = init_train_state(CFG, tx, mesh, seed=0)

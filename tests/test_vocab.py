@@ -9,7 +9,6 @@ from sentencepiece import sentencepiece_model_pb2
 
 from t5g2.data import vocab as vocab_lib
 from t5g2.data.corpus import embedded_corpus_path
-from t5g2.data.sources import open_documents
 from t5g2.data.vocab import (UL2_MODE_TOKENS, Vocabulary, VocabularyError, default_vocabulary,
                              train_sentencepiece, unused_piece)
 

@@ -8,9 +8,9 @@ separate cross-attention, each cross block starts as a copy of its layer's self-
 
 Vocabulary: T5Gemma 2 uses 262,144 rows. Gemma 3 4B's table has 262,208 (64 extra rows, the image
 soft token 262144 and padding); they are dropped explicitly, and a smaller source table is an
-error. The learned end-of-image vector starts as Gemma 3's scaled EOI row (row * sqrt(d) in float32), so
-the adapted model embeds EOI as Gemma 3 does in float32 (Gemma 3 in bf16 rounds the scale, e.g.
-25.25 for 25.298, a 0.2% difference).
+error. The learned end-of-image vector starts as Gemma 3's scaled EOI row (row * sqrt(d) in
+float32), so the adapted model embeds EOI as Gemma 3 does in float32 (Gemma 3 in bf16 rounds the
+scale, e.g. 25.25 for 25.298, a 0.2% difference).
 """
 
 from __future__ import annotations

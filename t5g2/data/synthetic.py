@@ -3,8 +3,9 @@
 Each host yields only its rows of the global batch; row r of step s is a pure function of
 (seed, s, r), so any number of processes sees the same global batch and a restored position
 continues exactly, on any number of processes (the position is the step, the same on all). The
-task is copying: the decoder must reproduce the first decoder_length encoder tokens. With `distinct_batches=k` the source cycles through k batches, so a working train
-step drives the loss towards zero (k=1: one repeated batch, the CPU smoke run's setting).
+task is copying: the decoder must reproduce the first decoder_length encoder tokens. With
+`distinct_batches=k` the source cycles through k batches, so a working train step drives the
+loss towards zero (k=1: one repeated batch, the CPU smoke run's setting).
 """
 
 from __future__ import annotations

@@ -133,19 +133,20 @@ class ModelConfig:
         enc, dec = self.encoder.d_model, self.decoder.d_model
         if self.cross_attention == "merged" and enc != dec:
             raise ConfigError(
-                f"{prefix}.encoder.d_model={enc} != {prefix}.decoder.d_model={dec}: merged attention "
-                "projects encoder outputs with the decoder's k/v weights, so the widths must match "
-                "(use cross_attention='separate' for unbalanced stacks)"
+                f"{prefix}.encoder.d_model={enc} != {prefix}.decoder.d_model={dec}: merged "
+                "attention projects encoder outputs with the decoder's k/v weights, so the widths "
+                "must match (use cross_attention='separate' for unbalanced stacks)"
             )
         if self.tie_embeddings and enc != dec:
             raise ConfigError(
-                f"{prefix}.encoder.d_model={enc} != {prefix}.decoder.d_model={dec}: tied embeddings "
-                "share one table, so the widths must match (set tie_embeddings=False)"
+                f"{prefix}.encoder.d_model={enc} != {prefix}.decoder.d_model={dec}: tied "
+                "embeddings share one table, so the widths must match (set tie_embeddings=False)"
             )
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(
-                    f"{prefix}.{name}={getattr(self, name)!r} is unknown; valid: {', '.join(DTYPES)}"
+                    f"{prefix}.{name}={getattr(self, name)!r} is unknown; "
+                    f"valid: {', '.join(DTYPES)}"
                 )
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(

@@ -364,7 +364,8 @@ class Checkpointer:
         problems = []
         for item, arrays in abstract.items():
             wanted = {k: (tuple(v.shape), str(v.dtype)) for k, v in arrays.items()}
-            missing, extra = sorted(wanted.keys() - saved[item]), sorted(saved[item] - wanted.keys())
+            missing = sorted(wanted.keys() - saved[item])
+            extra = sorted(saved[item] - wanted.keys())
             if missing or extra:
                 problems.append(f"{item}: this config has {missing[:3]} the checkpoint lacks, "
                                 f"the checkpoint has {extra[:3]} this config lacks")

@@ -89,7 +89,8 @@ def _label_and_value(key: str, value: float) -> tuple[str, str]:
 
 
 def format_metrics(step: int, metrics: Mapping[str, float]) -> str:
-    """One compact line: `step 120 | loss 2.314 | lr 1.2e-04 | ... | tokens/s 12,345 | mfu 41.2%`."""
+    """One compact line:
+    `step 120 | loss 2.314 | lr 1.2e-04 | ... | tokens/s 12,345 | mfu 41.2%`."""
     keys = ([k for k in _HEAD if k in metrics]
             + [k for k in metrics if k not in _HEAD and k not in _TAIL]
             + [k for k in _TAIL if k in metrics])
