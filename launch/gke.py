@@ -178,6 +178,13 @@ def coordinator_address(run: Run) -> str:
     return f"{pod_hostname(run, 0, 0)}.{run.name}:{COORDINATOR_PORT}"
 
 
+def longest_pod_name(run: Run, tpu: TpuSlice | None) -> str:
+    """The JobSet webhook's limit: the longest pod name, with its 5-character suffix, must be a
+    DNS label (63 characters)."""
+    hosts = tpu.hosts if tpu else run.gpu_nodes
+    return pod_hostname(run, run.slices - 1 if tpu else 0, hosts - 1) + "-xxxxx"
+
+
 def check(run: Run) -> TpuSlice | None:
     """Raises ConfigError for anything that would not run; the TPU slice of a TPU run."""
     if run.target not in ("tpu", "gpu"):
@@ -220,7 +227,6 @@ def check(run: Run) -> TpuSlice | None:
             raise ConfigError(f"--env {key}=...: not an environment variable name")
         if key.startswith("T5G2_") and run.target == "gpu":
             raise ConfigError(f"--env {key}: the manifest sets the T5G2_* variables of a GPU run")
-    hosts = run.gpu_nodes
     if run.target == "tpu":
         if not run.tpu_accelerator or not run.tpu_topology:
             raise ConfigError("--target=tpu needs --tpu-accelerator and --tpu-topology "
@@ -231,7 +237,6 @@ def check(run: Run) -> TpuSlice | None:
         if run.slices > 1 and tpu.hosts == 1:
             raise ConfigError(f"--slices={run.slices}: multi-slice needs multi-host slices, and "
                               f"{run.tpu_accelerator} {run.tpu_topology} is one host")
-        hosts = tpu.hosts
     else:
         tpu = None
         if run.tpu_accelerator or run.tpu_topology or run.slices != 1:
@@ -244,9 +249,7 @@ def check(run: Run) -> TpuSlice | None:
         if not run.gpu_accelerator.startswith("nvidia-"):
             raise ConfigError(f"--gpu-accelerator={run.gpu_accelerator!r}: a GKE accelerator "
                               "label such as nvidia-h100-80gb")
-    # The JobSet webhook's limit: the longest pod name, with the 5-character suffix, is a DNS
-    # label.
-    longest = pod_hostname(run, run.slices - 1 if tpu else 0, hosts - 1) + "-xxxxx"
+    longest = longest_pod_name(run, tpu)
     if len(longest) > 63:
         raise ConfigError(f"--name={run.name!r} is too long: pod names such as {longest} must "
                           "stay within 63 characters")
