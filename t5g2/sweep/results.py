@@ -97,31 +97,32 @@ def _columns(records: Sequence[Mapping[str, Any]]) -> list[str]:
     return list(dict.fromkeys(k for r in records for k in r))
 
 
+def _format(key: str) -> tuple[str, int]:
+    """(format spec, scale) of a column's numbers: counts with separators, MFU in percent
+    (its deltas in points), rates and seconds whole, losses to 4 places."""
+    if key == "params":
+        return ",", 1
+    if "mfu" in key:
+        return ".2f", 100
+    if "tokens_per_s" in key or key == "wall_time_s":
+        return ",.0f", 1
+    return ".4f", 1
+
+
 def _number(value: Any, key: str) -> str:
     if value is None:
         return "-"
     if key == "last_step":
         return str(value)
-    if key == "params":
-        return f"{value:,}"
-    if "mfu" in key:
-        return f"{100 * value:.2f}%"
-    if "tokens_per_s" in key or key == "wall_time_s":
-        return f"{value:,.0f}"
-    return f"{value:.4f}"
+    spec, scale = _format(key)
+    return f"{scale * value:{spec}}" + ("%" if "mfu" in key else "")
 
 
 def _delta(value: Any, base: Any, key: str) -> str:
     if value is None or base is None or isinstance(value, str):
         return ""
-    d = value - base
-    if key == "params":
-        return f" ({d:+,})"
-    if "mfu" in key:
-        return f" ({100 * d:+.2f})"
-    if "tokens_per_s" in key or key == "wall_time_s":
-        return f" ({d:+,.0f})"
-    return f" ({d:+.4f})"
+    spec, scale = _format(key)
+    return f" ({scale * (value - base):+{spec}})"
 
 
 _LABELS = {"params": "params", "train_loss": "train loss", "median tokens_per_s": "tokens/s",
