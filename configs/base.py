@@ -14,40 +14,41 @@ import ml_collections
 
 def stack(*, num_layers, d_model, ffn_dim, num_heads, num_kv_heads, sliding_window,
           head_dim=256, query_pre_attn_scalar=256.0, global_rope_scale=1.0):
-    """One Gemma 3 stack: 5 local (theta 1e4) : 1 global (theta 1e6) layers."""
-    return ml_collections.ConfigDict(dict(
-        num_layers=num_layers, d_model=d_model, ffn_dim=ffn_dim, num_heads=num_heads,
-        num_kv_heads=num_kv_heads, head_dim=head_dim,
-        query_pre_attn_scalar=float(query_pre_attn_scalar), sliding_window=sliding_window,
-        sliding_window_pattern=6, local_rope_theta=10_000.0, global_rope_theta=1_000_000.0,
-        local_rope_scale=1.0, global_rope_scale=float(global_rope_scale), rms_norm_eps=1e-6,
-    ))
+    """One Gemma 3 stack (t5g2.model.StackConfig): 5 local (theta 1e4) : 1 global (theta 1e6)
+    layers by default."""
+    from t5g2.model.config import StackConfig
+    from t5g2.run_config import config_section
+
+    return config_section(
+        StackConfig, num_layers=num_layers, d_model=d_model, ffn_dim=ffn_dim,
+        num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        query_pre_attn_scalar=query_pre_attn_scalar, sliding_window=sliding_window,
+        global_rope_scale=global_rope_scale)
 
 
 def model(encoder, *, vocab_size=262_144, decoder=None):
-    """T5Gemma 2 with the paper's defaults: tied embeddings, merged attention."""
-    return ml_collections.ConfigDict(dict(
-        encoder=encoder, decoder=ml_collections.ConfigDict(decoder or encoder.to_dict()),
-        vocab_size=vocab_size, tie_embeddings=True, cross_attention="merged",
-        final_logit_softcap=ml_collections.FieldReference(None, field_type=float),
-        pad_id=0, eos_id=1, bos_id=2, eoi_token_id=256_000, image_token_id=256_001,
-        dtype="bfloat16", param_dtype="float32", remat="none", scan_layers=True,
-        attention_query_chunk=0,
-    ))
+    """T5Gemma 2 (t5g2.model.ModelConfig) with the paper's defaults: tied embeddings, merged
+    attention."""
+    from t5g2.model import ModelConfig
+    from t5g2.run_config import config_section
+
+    return config_section(ModelConfig, encoder=encoder, vocab_size=vocab_size,
+                          decoder=ml_collections.ConfigDict(decoder or encoder.to_dict()))
 
 
 def train(*, batch_size, encoder_length, decoder_length, steps, learning_rate=1e-4,
           grad_accum_steps=1, log_every=10):
-    """AdamW, 100 warmup steps then cosine decay, global-norm clipping 1.0 (the paper's).
-    on_nonfinite: a step with a non-finite loss, gradient or update "stop"s the run (nothing
-    non-finite is saved) or is "skip"ped (its update dropped; `max_skipped` in a row stop it)."""
-    return ml_collections.ConfigDict(dict(
-        batch_size=batch_size, encoder_length=encoder_length, decoder_length=decoder_length,
-        steps=steps, learning_rate=learning_rate, warmup_steps=100, min_learning_rate_ratio=0.1,
-        weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, grad_clip_norm=1.0, z_loss=1e-4,
-        grad_accum_steps=grad_accum_steps, loss_chunk=0, log_every=log_every,
-        on_nonfinite="stop", max_skipped=10,
-    ))
+    """The train section (t5g2.train.config.TrainConfig): AdamW, 100 warmup steps then cosine
+    decay, global-norm clipping 1.0 (the paper's), z-loss 1e-4. on_nonfinite: a step with a
+    non-finite loss, gradient or update "stop"s the run (nothing non-finite is saved) or is
+    "skip"ped (its update dropped; `max_skipped` in a row stop it)."""
+    from t5g2.run_config import config_section
+    from t5g2.train.config import TrainConfig
+
+    return config_section(TrainConfig, batch_size=batch_size, encoder_length=encoder_length,
+                          decoder_length=decoder_length, steps=steps,
+                          learning_rate=learning_rate, grad_accum_steps=grad_accum_steps,
+                          log_every=log_every, z_loss=1e-4)
 
 
 def mesh(*, data=-1, fsdp=1, tensor=1):

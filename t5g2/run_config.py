@@ -230,10 +230,12 @@ def config_section(cls: type, **values: Any) -> ml_collections.ConfigDict:
         value = values.pop(field.name, field.default)
         if value is dataclasses.MISSING:
             raise TypeError(f"{cls.__name__}.{field.name} has no default: pass it")
+        kind = str(field.type).split(" ")[0].split("|")[0]  # "float | None" -> "float"
         if value is None:
-            kind = {"str": str, "int": int, "float": float}.get(
-                str(field.type).split(" ")[0].split("|")[0], object)
-            value = ml_collections.FieldReference(None, field_type=kind)
+            value = ml_collections.FieldReference(
+                None, field_type={"str": str, "int": int, "float": float}.get(kind, object))
+        elif kind == "float" and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)  # so that an override of 3e-4 parses, whatever the default
         out[field.name] = value
     if values:
         raise TypeError(f"{cls.__name__} has no field(s) {sorted(values)}")

@@ -85,5 +85,24 @@ def test_sections_are_built_from_the_dataclass_defaults():
     assert {f.name for f in dataclasses.fields(CheckpointConfig)} == set(base.checkpoint())
 
 
+def test_model_and_train_sections_are_built_from_their_dataclasses():
+    """base.stack / base.model / base.train set what a config chooses; every other field's
+    value is the dataclass default (declared once), with its type kept for overrides."""
+    from t5g2.model import ModelConfig
+    from t5g2.model.config import StackConfig
+    from t5g2.train.config import TrainConfig
+
+    dims = dict(num_layers=2, d_model=8, ffn_dim=16, num_heads=2, num_kv_heads=1,
+                sliding_window=4)
+    stack = StackConfig(**dims, head_dim=256, query_pre_attn_scalar=256.0)
+    model = ModelConfig.from_config_dict(base.model(base.stack(**dims), vocab_size=64))
+    assert model == ModelConfig(encoder=stack, decoder=stack, vocab_size=64)
+    train = TrainConfig.from_config_dict(base.train(batch_size=8, encoder_length=4,
+                                                    decoder_length=4, steps=1))
+    assert train == dataclasses.replace(TrainConfig(8, 4, 4, 1), z_loss=1e-4)  # the recipe's
+    assert isinstance(base.train(batch_size=8, encoder_length=4, decoder_length=4, steps=1,
+                                 learning_rate=1).learning_rate, float)
+
+
 def test_pipeline_errors_are_config_errors():
     assert issubclass(PipelineConfigError, ConfigError)  # one error type for every config
