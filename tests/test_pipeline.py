@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from t5g2.configlib import ConfigError
+
 from t5g2.data.denoisers import MIXTURES, merge_back
 from t5g2.data.packing import CONTRACT_KEYS
 from t5g2.data.pipeline import (PipelineConfig, PipelineConfigError, Ul2Source, document_tokens,
@@ -382,7 +384,7 @@ def test_bad_configs_name_the_field(cache_dir, field, value, message):
 
 
 def test_unknown_config_keys_are_named():
-    with pytest.raises(PipelineConfigError, match="unknown pipeline field\\(s\\) batchsize"):
+    with pytest.raises(ConfigError, match="unknown field\\(s\\) data.ul2.batchsize; valid: "):
         PipelineConfig.from_mapping(dict(batchsize=8))
     cfg = PipelineConfig.from_mapping(dict(source_paths=["a.txt"], batch_size=2))
     assert cfg.source_paths == ("a.txt",) and cfg.batch_size == 2

@@ -58,7 +58,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import grain
 import numpy as np
 
-from t5g2.configlib import ConfigError
+from t5g2.configlib import ConfigError, build, to_dict
 from t5g2.data.denoisers import (Mixture, denoise, mixture_from_config, raw_length,
                                  sample_denoiser, spans_needed)
 from t5g2.data.packing import pad_example, to_batch_contract
@@ -124,17 +124,13 @@ class PipelineConfig:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "PipelineConfig":
-        """From a dict or ml_collections ConfigDict; unknown keys are named."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise PipelineConfigError(f"unknown pipeline field(s) {', '.join(unknown)}; valid: "
-                                      f"{', '.join(sorted(names))}")
-        values = dict(values)
+        """From a dict or ml_collections ConfigDict (the run config's `data.ul2` completed by
+        the lengths, batch and seed); an unknown key is a ConfigError naming it."""
+        values = to_dict(values)
         for key in ("source_paths", "mode_tokens"):
             if isinstance(values.get(key), (list, tuple)):
                 values[key] = tuple(values[key])
-        return cls(**values)
+        return build(cls, values, "data.ul2")
 
     def validate(self, process_count: int = 1) -> None:
         """Raise PipelineConfigError naming the first bad field."""
