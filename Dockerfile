@@ -22,9 +22,6 @@ ENV PYTHONUNBUFFERED=1 \
 WORKDIR /t5g2
 # Dependencies first: a code change reuses this layer.
 COPY requirements.txt requirements-lock.txt ./
+# (data.source=seqio runs also need the package's seqio extra: add "seqio>=0.0.19,<0.1" here.)
 RUN pip install -r requirements.txt "jax[${JAX_EXTRA}]" -c requirements-lock.txt
 COPY . .
-# The package itself (its dependencies are installed above): the t5g2-* commands, and configs
-# importable from anywhere. For data.source=seqio add its extra:
-# RUN pip install -e ".[seqio]" -c requirements-lock.txt
-RUN pip install --no-deps -e .
