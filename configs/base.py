@@ -36,6 +36,20 @@ def model(encoder, *, vocab_size=262_144, decoder=None):
                           decoder=ml_collections.ConfigDict(decoder or encoder.to_dict()))
 
 
+def vision(**overrides):
+    """The SigLIP tower and projector (t5g2.model.VisionConfig): by default the released
+    so400m/14 at 896 pixels, 256 tokens per image, frozen (`trainable="none"`)."""
+    from t5g2.model.config import VisionConfig
+    from t5g2.run_config import config_section
+
+    return config_section(VisionConfig, **overrides)
+
+
+# A tower for tests and CPU runs: 56 px, 4 x 4 patches pooled to 2 x 2 = 4 tokens per image.
+TINY_VISION = dict(image_size=56, patch_size=14, d_model=32, ffn_dim=64, num_layers=2,
+                   num_heads=2, tokens_per_image=4)
+
+
 def train(*, batch_size, encoder_length, decoder_length, steps, learning_rate=1e-4,
           grad_accum_steps=1, log_every=10):
     """The train section (t5g2.train.config.TrainConfig): AdamW, 100 warmup steps then cosine

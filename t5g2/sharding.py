@@ -32,6 +32,12 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("head_dim", None),
     ("layers", None),
+    # The vision tower's patch kernel, position table and projector input: small, replicated
+    # (its width, heads and MLP shard like the text model's through embed / heads / mlp).
+    ("patch", None),
+    ("channels", None),
+    ("image_patches", None),
+    ("vision_embed", None),
     ("batch", ("data", "fsdp")),
     ("length", None),
     ("act_embed", None),
@@ -133,13 +139,15 @@ def param_shardings(params: nnx.State, mesh: Mesh,
 def check_model_fits_mesh(model_cfg, mesh: Mesh) -> None:
     """Heads and MLP widths must split evenly over the tensor axis; say so with the numbers."""
     tensor, fsdp = mesh.shape["tensor"], mesh.shape["fsdp"]
-    for side in ("encoder", "decoder"):
-        s = getattr(model_cfg, side)
+    parts = {f"model.{side}": getattr(model_cfg, side) for side in ("encoder", "decoder")}
+    if model_cfg.vision is not None:
+        parts["model.vision"] = model_cfg.vision
+    for prefix, s in parts.items():
         for field, value, axis, n in (("num_heads", s.num_heads, "tensor", tensor),
                                       ("ffn_dim", s.ffn_dim, "tensor", tensor),
                                       ("d_model", s.d_model, "fsdp", fsdp)):
             if value % n:
-                raise ShardingError(f"model.{side}.{field}={value} is not divisible by "
+                raise ShardingError(f"{prefix}.{field}={value} is not divisible by "
                                     f"mesh.{axis}={n}")
     if model_cfg.vocab_size % tensor:
         raise ShardingError(f"model.vocab_size={model_cfg.vocab_size} is not divisible by "

@@ -8,10 +8,11 @@ import numpy as np
 import torch
 from flax import nnx
 
-from configs import tiny
+from configs import base, tiny
 from t5g2.convert import hf_t5gemma2
 from t5g2.convert.hf_config import hf_text_from_stack
 from t5g2.model import ModelConfig, T5Gemma2
+from t5g2.model.config import VisionConfig
 from t5g2.model.params import load_params
 
 
@@ -29,6 +30,11 @@ def tiny_config(**overrides) -> ModelConfig:
     cfg = dataclasses.replace(base, encoder=enc, decoder=enc, **overrides)
     cfg.validate()
     return cfg
+
+
+def tiny_vision_config(**overrides) -> ModelConfig:
+    """`tiny_config` with the tiny tower (`configs.base.TINY_VISION`) and a begin-of-image id."""
+    return tiny_config(vision=VisionConfig(**base.TINY_VISION), boi_token_id=502, **overrides)
 
 
 @torch.no_grad()

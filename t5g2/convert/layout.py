@@ -23,6 +23,8 @@ HEADS_IN = "heads_in"  # q/k/v: [heads*head_dim, in] -> [in, heads, head_dim]
 HEADS_OUT = "heads_out"  # o: [out, heads*head_dim] -> [heads, head_dim, out]
 LINEAR = "linear"  # [out, in] -> [in, out]
 VECTOR = "vector"  # norm scales, unchanged (both keep Gemma's (1 + w) convention)
+HEADS_BIAS = "heads_bias"  # q/k/v biases: [heads*head_dim] -> [heads, head_dim]
+CONV = "conv"  # patch embedding: torch [out, in, kh, kw] -> [kh, kw, in, out]
 
 ATTENTION_WEIGHTS = (
     ("q_proj.weight", "q", HEADS_IN),
@@ -51,6 +53,10 @@ def to_t5g2(w: np.ndarray, layout: str, head_dim: int) -> np.ndarray:
         return w.T.reshape(w.shape[1], -1, head_dim)
     if layout == HEADS_OUT:
         return w.T.reshape(-1, head_dim, w.shape[0])
+    if layout == HEADS_BIAS:
+        return w.reshape(-1, head_dim)
+    if layout == CONV:
+        return w.transpose(2, 3, 1, 0)
     if layout == LINEAR:
         return w.T
     return w
@@ -61,6 +67,10 @@ def to_torch(w: np.ndarray, layout: str) -> np.ndarray:
         return w.reshape(w.shape[0], -1).T
     if layout == HEADS_OUT:
         return w.reshape(-1, w.shape[-1]).T
+    if layout == HEADS_BIAS:
+        return w.reshape(-1)
+    if layout == CONV:
+        return w.transpose(3, 2, 0, 1)
     if layout == LINEAR:
         return w.T
     return w

@@ -16,6 +16,63 @@ from t5g2.configlib import ConfigError, build, positive, to_dict
 CROSS_ATTENTION_MODES = ("merged", "separate", "global_only")
 REMAT_POLICIES = ("none", "full", "save_dots")
 DTYPES = ("float32", "bfloat16", "float16")
+VISION_TRAINABLE = ("none", "projector", "all")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """The SigLIP tower (no pooling head) and the projector into the encoder's width.
+
+    Defaults are the released so400m/14 tower at 896 pixels: 64 x 64 patches, average-pooled to
+    16 x 16 = 256 tokens per image.
+    """
+
+    image_size: int = 896
+    patch_size: int = 14
+    num_channels: int = 3
+    d_model: int = 1152
+    ffn_dim: int = 4304
+    num_layers: int = 27
+    num_heads: int = 16
+    layer_norm_eps: float = 1e-6
+    tokens_per_image: int = 256
+    # What trains: "none" (tower and projector frozen, the recipe), "projector", or "all".
+    trainable: str = "none"
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def pool(self) -> int:
+        """The average-pooling kernel (= stride) from patches to image tokens, per side."""
+        return self.patches_per_side // math.isqrt(self.tokens_per_image)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    def validate(self, prefix: str) -> None:
+        for name in ("image_size", "patch_size", "num_channels", "d_model", "ffn_dim",
+                     "num_layers", "num_heads", "tokens_per_image"):
+            positive(getattr(self, name), f"{prefix}.{name}")
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"{prefix}.image_size={self.image_size} is not a multiple of "
+                              f"{prefix}.patch_size={self.patch_size}")
+        side = math.isqrt(self.tokens_per_image)
+        if side * side != self.tokens_per_image or self.patches_per_side % side:
+            raise ConfigError(
+                f"{prefix}.tokens_per_image={self.tokens_per_image} must be a square whose side "
+                f"divides the {self.patches_per_side} patches per side (image_size / patch_size)"
+                f": the projector average-pools the patch grid to it")
+        if self.d_model % self.num_heads:
+            raise ConfigError(f"{prefix}.d_model={self.d_model} is not divisible by "
+                              f"{prefix}.num_heads={self.num_heads}")
+        if self.trainable not in VISION_TRAINABLE:
+            raise ConfigError(f"{prefix}.trainable={self.trainable!r} is unknown; valid: "
+                              f"{', '.join(VISION_TRAINABLE)}")
+        if not (isinstance(self.layer_norm_eps, (int, float)) and self.layer_norm_eps > 0):
+            raise ConfigError(f"{prefix}.layer_norm_eps={self.layer_norm_eps!r} must be > 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +127,9 @@ class ModelConfig:
     eos_id: int = 1
     bos_id: int = 2  # also the decoder start token
     eoi_token_id: int = 256_000  # end-of-image: replaced by a learned, unscaled embedding
-    image_token_id: int = 256_001
+    image_token_id: int = 256_001  # the placeholders that the image tokens replace
+    boi_token_id: int = 255_999  # begin-of-image: an ordinary token
+    vision: VisionConfig | None = None  # None: text only, no vision parameters
     dtype: str = "bfloat16"  # compute dtype; softmax, norms and loss stay float32
     param_dtype: str = "float32"
     remat: str = "none"
@@ -100,6 +159,8 @@ class ModelConfig:
             if side not in d:
                 raise ConfigError(f"{prefix}.{side} is missing: give the {side} stack's dimensions")
             stacks[side] = build(StackConfig, to_dict(d.pop(side)), f"{prefix}.{side}")
+        if d.get("vision") is not None:
+            d["vision"] = build(VisionConfig, to_dict(d["vision"]), f"{prefix}.vision")
         cfg = build(cls, {**d, **stacks}, prefix)
         cfg.validate(prefix)
         return cfg
@@ -125,6 +186,11 @@ class ModelConfig:
         for side in ("encoder", "decoder"):
             _validate_stack(getattr(self, side), f"{prefix}.{side}")
         positive(self.vocab_size, f"{prefix}.vocab_size")
+        if self.vision is not None:
+            if not isinstance(self.vision, VisionConfig):
+                raise ConfigError(f"{prefix}.vision={self.vision!r} must be the vision tower's "
+                                  "fields or None")
+            self.vision.validate(f"{prefix}.vision")
         if self.cross_attention not in CROSS_ATTENTION_MODES:
             raise ConfigError(
                 f"{prefix}.cross_attention={self.cross_attention!r} is unknown; "

@@ -9,20 +9,19 @@ unscanned tail (e.g. 26 = 4 x 6 + 2).
 from __future__ import annotations
 
 import functools
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 
 from t5g2.model.attention import (KV_CACHE_AXES, Attention, KVCache, MaskSpec, decoder_window,
                                   encoder_window)
 from t5g2.model.config import ModelConfig, StackConfig
+from t5g2.model.layer_stack import RESIDUAL, LayerStack
 from t5g2.model.layers import MLP, Embedder, RMSNorm, default_init, param, project
 from t5g2.model.rope import rope_tables
+from t5g2.model.vision import VisionEncoder
 from t5g2.sharding import constrain
-
-RESIDUAL = ("batch", "length", "act_embed")  # logical axes of the residual stream
 
 Rope = tuple[jax.Array, jax.Array]
 
@@ -156,89 +155,6 @@ class DecoderLayerCache:
     cross_v: jax.Array | None = None
 
 
-class Period(nnx.Module):
-    """One period of the attention pattern (e.g. 5 local layers and 1 global)."""
-
-    def __init__(self, layers: list[nnx.Module]):
-        self.layers = nnx.List(layers)
-
-
-_REMAT_POLICIES = {
-    "full": None,  # save nothing: recompute the whole period in the backward pass
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
-class LayerStack(nnx.Module):
-    """`num_layers` layers: scanned whole periods of the pattern, then an unscanned tail.
-
-    `make_layer(i, rngs)` builds layer i; its structure may depend only on i mod `pattern`.
-    """
-
-    def __init__(self, num_layers: int, pattern: int,
-                 make_layer: Callable[[int, nnx.Rngs], nnx.Module], *, remat: str,
-                 scan: bool = True, rngs: nnx.Rngs):
-        num_periods, num_tail = divmod(num_layers, pattern)
-        self.remat = remat
-        self.scan = scan
-        periods = None
-        if num_periods:
-            @nnx.split_rngs(splits=num_periods)
-            @nnx.vmap(in_axes=(0,), out_axes=0,
-                      transform_metadata={nnx.PARTITION_NAME: "layers"})
-            def make_period(r: nnx.Rngs) -> Period:
-                return Period([make_layer(slot, r) for slot in range(pattern)])
-
-            periods = make_period(rngs)
-        self.periods = nnx.data(periods)
-        self.tail = nnx.List(
-            [make_layer(num_periods * pattern + j, rngs) for j in range(num_tail)])
-
-    def __call__(self, x: jax.Array, ctx: StackInputs) -> jax.Array:
-        if self.periods is not None:
-            graphdef, state = nnx.split(self.periods)
-
-            def period_step(x, period_state):
-                for layer in nnx.merge(graphdef, period_state).layers:
-                    x = constrain(layer(x, ctx), RESIDUAL)
-                return x, None
-
-            if self.remat != "none":
-                period_step = jax.checkpoint(period_step, policy=_REMAT_POLICIES[self.remat])
-            if self.scan:
-                x, _ = jax.lax.scan(period_step, x, state)
-            else:  # unrolled: longer compiles, no stacked-activation copies (faster on CPU)
-                for p in range(jax.tree.leaves(state)[0].shape[0]):
-                    x, _ = period_step(x, jax.tree.map(lambda a, p=p: a[p], state))
-        for layer in self.tail:
-            x = constrain(layer(x, ctx), RESIDUAL)
-        return x
-
-    def map_layers(self, fn: Callable, carry, per_layer=None):
-        """Threads `carry` through fn(layer, carry, item) -> (carry, out) over every layer in
-        order (periods under one scan). `per_layer` and the outputs are laid out like the
-        layers: {"periods": one entry per slot, stacked over periods, "tail": one per layer}."""
-        periods = None
-        if self.periods is not None:
-            graphdef, state = nnx.split(self.periods)
-
-            def period_step(carry, xs):
-                period_state, items = xs
-                outs = []
-                for j, layer in enumerate(nnx.merge(graphdef, period_state).layers):
-                    carry, out = fn(layer, carry, None if items is None else items[j])
-                    outs.append(out)
-                return carry, tuple(outs)
-
-            items = None if per_layer is None else per_layer["periods"]
-            carry, periods = jax.lax.scan(period_step, carry, (state, items))
-        tail = []
-        for j, layer in enumerate(self.tail):
-            carry, out = fn(layer, carry, None if per_layer is None else per_layer["tail"][j])
-            tail.append(out)
-        return carry, {"periods": periods, "tail": tuple(tail)}
-
-
 def _default_ids(tokens, segment_ids, positions):
     """Without segment ids every token is valid (as the reference without an attention mask);
     pass segment ids (0 = padding) to mask padding or to pack several examples per row."""
@@ -251,18 +167,21 @@ def _default_ids(tokens, segment_ids, positions):
 
 def insert_image_features(x: jax.Array, tokens: jax.Array, features: jax.Array,
                           image_token_id: int) -> jax.Array:
-    """Puts image features, unscaled, at the placeholder tokens in (batch, position) order.
-
-    All images' tokens are flattened [num_images * tokens_per_image, D] and fill the
-    placeholders row-major, as the reference's masked scatter does; the counts must match.
-    """
+    """Puts image tokens, unscaled, at the placeholders: features [B, M, T, D] hold row b's
+    images in order, and row b's k-th placeholder takes token k % T of its image k // T (the
+    reference's masked scatter, with each row's images listed in that row)."""
     is_image = tokens == image_token_id
-    flat = features.reshape(-1, features.shape[-1]).astype(x.dtype)
-    if not isinstance(is_image, jax.core.Tracer) and int(is_image.sum()) != flat.shape[0]:
-        raise ValueError(f"{int(is_image.sum())} image placeholder tokens for {flat.shape[0]} "
-                         "image feature vectors")
-    index = jnp.cumsum(is_image.reshape(-1)) - 1
-    gathered = flat[jnp.clip(index, 0, flat.shape[0] - 1)].reshape(x.shape)
+    b, m, t, d = features.shape
+    if not isinstance(is_image, jax.core.Tracer):
+        counts = np.asarray(is_image.sum(axis=1))
+        bad = [(row, int(n)) for row, n in enumerate(counts) if n % t or n > m * t]
+        if bad:
+            row, n = bad[0]
+            raise ValueError(f"row {row} has {n} image placeholder tokens: expected a multiple "
+                             f"of {t} tokens per image, for at most {m} images")
+    index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, m * t - 1)
+    flat = features.reshape(b, m * t, d).astype(x.dtype)
+    gathered = jnp.take_along_axis(flat, index[..., None], axis=1)
     return jnp.where(is_image[..., None], gathered, x)
 
 
@@ -355,22 +274,28 @@ class T5Gemma2(nnx.Module):
         self.encoder = Encoder(cfg.encoder, remat=cfg.remat, scan=cfg.scan_layers,
                                query_chunk=cfg.attention_query_chunk, param_dtype=pdt, rngs=rngs)
         self.decoder = Decoder(cfg, param_dtype=pdt, rngs=rngs)
+        self.vision = nnx.data(None if cfg.vision is None else VisionEncoder(
+            cfg.vision, cfg.encoder.d_model, remat=cfg.remat, scan=cfg.scan_layers,
+            query_chunk=cfg.attention_query_chunk, param_dtype=pdt, rngs=rngs))
 
     @property
     def dtype(self):
         return jnp.dtype(self.config.dtype)
 
-    def encode(self, tokens, segment_ids=None, positions=None, image_features=None) -> jax.Array:
+    def encode(self, tokens, segment_ids=None, positions=None, images=None) -> jax.Array:
         """Encoder outputs [B,S,D] (final-normed).
 
-        image_features [num_images, tokens_per_image, D] (the vision tower's projected output)
-        replace the image placeholder tokens; image tokens are then ordinary, fully visible
-        encoder positions.
+        images [B, M, H, W, C] (preprocessed to [-1, 1]; trailing slots of rows with fewer than
+        M images are unused) go through the vision tower and projector; their tokens replace
+        the image placeholders and are then ordinary, fully visible encoder positions.
         """
         segment_ids, positions = _default_ids(tokens, segment_ids, positions)
         x = constrain(self.embed(tokens, self.dtype), RESIDUAL)
-        if image_features is not None:
-            x = insert_image_features(x, tokens, image_features, self.config.image_token_id)
+        if images is not None:
+            if self.vision is None:
+                raise ValueError("images given to a text-only model (model.vision is None)")
+            x = insert_image_features(x, tokens, self.vision(images, self.dtype),
+                                      self.config.image_token_id)
         return self.encoder(x, segment_ids, positions)
 
     def decode(self, tokens, encoded, encoder_segment_ids, encoder_positions=None,
@@ -410,14 +335,18 @@ class T5Gemma2(nnx.Module):
 
     def hidden_states(self, encoder_input_tokens, decoder_input_tokens, *,
                       encoder_segment_ids=None, encoder_positions=None,
-                      decoder_segment_ids=None, decoder_positions=None) -> jax.Array:
-        """Decoder final hidden states [B,T,D] for the decoder inputs given the encoder inputs."""
+                      decoder_segment_ids=None, decoder_positions=None,
+                      encoder_images=None) -> jax.Array:
+        """Decoder final hidden states [B,T,D] for the decoder inputs given the encoder inputs
+        (and their images, see `encode`)."""
         encoder_segment_ids, encoder_positions = _default_ids(
             encoder_input_tokens, encoder_segment_ids, encoder_positions)
-        encoded = self.encode(encoder_input_tokens, encoder_segment_ids, encoder_positions)
+        encoded = self.encode(encoder_input_tokens, encoder_segment_ids, encoder_positions,
+                              encoder_images)
         return self.decode(decoder_input_tokens, encoded, encoder_segment_ids, encoder_positions,
                            decoder_segment_ids, decoder_positions)
 
     def __call__(self, encoder_input_tokens, decoder_input_tokens, **ids) -> jax.Array:
-        """Logits [B,T,V]; `ids`: encoder/decoder segment ids and positions (see hidden_states)."""
+        """Logits [B,T,V]; `ids`: encoder/decoder segment ids and positions, encoder images (see
+        hidden_states)."""
         return self.logits(self.hidden_states(encoder_input_tokens, decoder_input_tokens, **ids))
