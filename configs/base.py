@@ -79,7 +79,9 @@ def data(source: str = "ul2"):
     task or mixture `data.seqio.task`, registered by importing the modules `data.seqio.modules`
     (t5g2.data.seqio_tasks.SeqioSource: packed, sharded by process; needs the `seqio` extra).
     "synthetic": a copy task; `distinct_batches=k` cycles through k batches (0: a new batch
-    every step)."""
+    every step). `image_text`: image-text examples mixed into the UL2 rows
+    (t5g2.data.image_text.ImageTextConfig; off while its `paths` is empty)."""
+    from t5g2.data.image_text import ImageTextConfig
     from t5g2.data.pipeline import PipelineConfig
     from t5g2.run_config import UL2_SET_ELSEWHERE, SeqioConfig, config_section
 
@@ -94,6 +96,7 @@ def data(source: str = "ul2"):
         ul2[field.name] = default
     return ml_collections.ConfigDict(dict(source=source, distinct_batches=0,
                                           ul2=ml_collections.ConfigDict(ul2),
+                                          image_text=config_section(ImageTextConfig),
                                           seqio=config_section(SeqioConfig)))
 
 

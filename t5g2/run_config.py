@@ -67,13 +67,17 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True)
 class InitConfig:
     """Where a fresh run's parameters come from (a workdir with checkpoints always resumes):
-    a Hugging Face Gemma 3 directory (adapted), a T5Gemma 2 directory, or neither (random)."""
+    a Hugging Face Gemma 3 directory (adapted), a T5Gemma 2 directory, or neither (random).
+    vision_from: a checkpoint whose SigLIP tower (and projector, if it has one of the model's
+    width) starts `model.vision`, whatever the text starts from (t5g2.train.init says which
+    checkpoints, and when it is needed)."""
 
     from_gemma3: str | None = None
     from_t5gemma2: str | None = None
+    vision_from: str | None = None
 
     def validate(self) -> None:
-        for name in ("from_gemma3", "from_t5gemma2"):
+        for name in ("from_gemma3", "from_t5gemma2", "vision_from"):
             _optional_str(getattr(self, name), f"init.{name}")
         if self.from_gemma3 and self.from_t5gemma2:
             raise ConfigError(f"init.from_gemma3={self.from_gemma3!r} and init.from_t5gemma2="
@@ -131,12 +135,14 @@ UL2_SET_ELSEWHERE = frozenset({"encoder_length", "decoder_length", "batch_size",
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """The batch source: "ul2" (the UL2 pipeline, `ul2` = PipelineConfig less the lengths, batch
-    and seed), "seqio" (`seqio`), "synthetic" (a copy task cycling through `distinct_batches`
-    batches; 0: a new one every step)."""
+    and seed; with `image_text.paths` set, image-text rows mixed in: `image_text` =
+    t5g2.data.image_text.ImageTextConfig), "seqio" (`seqio`), "synthetic" (a copy task cycling
+    through `distinct_batches` batches; 0: a new one every step)."""
 
     source: str = "ul2"
     distinct_batches: int = 0
     ul2: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    image_text: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     seqio: SeqioConfig = SeqioConfig()
 
     def validate(self) -> None:
@@ -182,6 +188,8 @@ class RunConfig:
         if isinstance(seqio.get("modules"), list):
             seqio["modules"] = tuple(seqio["modules"])
         data_cfg = build(DataConfig, dict(data, ul2=dict(to_dict(data.get("ul2", {}) or {})),
+                                          image_text=dict(to_dict(
+                                              data.get("image_text", {}) or {})),
                                           seqio=build(SeqioConfig, seqio, "data.seqio")),
                          "data")
         run = build(cls, dict(
@@ -220,6 +228,16 @@ class RunConfig:
             except ConfigError as e:
                 raise ConfigError(f"data.ul2 (with train's lengths and batch, and seed): {e}"
                                   ) from e
+        from t5g2.data.image_text import ImageSpec, ImageTextConfig
+
+        image_text = ImageTextConfig.from_mapping(self.data.image_text)
+        image_text.validate()
+        if image_text.enabled:
+            if self.data.source != "ul2":
+                raise ConfigError(f"data.image_text.paths is set but data.source="
+                                  f"{self.data.source!r}: image-text rows mix into the UL2 "
+                                  "pipeline only; set data.source='ul2' or clear the paths")
+            ImageSpec.from_model(self.model)  # a model that reads images
 
 
 def config_section(cls: type, **values: Any) -> ml_collections.ConfigDict:

@@ -353,6 +353,17 @@ def make_dataset(cfg: PipelineConfig, documents: Sequence[str], vocab: Vocabular
                  process_count: int = 1) -> grain.IterDataset:
     """Data shard `process_index` of `process_count`: its rows of every global batch (the batch
     contract, [batch_size / process_count, length]). Without `shards` a shard is a process."""
+    rows = make_rows(cfg, documents, vocab, mixture, process_index=process_index,
+                     process_count=process_count)
+    return rows.batch(cfg.local_batch_size(process_count), drop_remainder=True).map(
+        functools.partial(to_batch_contract, start_id=vocab.bos_id))
+
+
+def make_rows(cfg: PipelineConfig, documents: Sequence[str], vocab: Vocabulary,
+              mixture: Mixture, *, process_index: int = 0,
+              process_count: int = 1) -> grain.IterDataset:
+    """Stages 1-4 of data shard `process_index` up to the rows: packed (or padded) examples in
+    grain's packed layout (see `packing.py`), one row at a time, before batching."""
     cfg.validate(process_count)
     spec = _denoise_spec(cfg, vocab, mixture, process_index)
     ds = document_tokens(documents, vocab, seed=cfg.seed, process_index=process_index,
@@ -373,8 +384,7 @@ def make_dataset(cfg: PipelineConfig, documents: Sequence[str], vocab: Vocabular
     else:
         ds = ds.map(functools.partial(pad_example, encoder_length=cfg.encoder_length,
                                       decoder_length=cfg.decoder_length))
-    return ds.batch(local_batch, drop_remainder=True).map(
-        functools.partial(to_batch_contract, start_id=vocab.bos_id))
+    return ds
 
 
 # ------------------------------------------------------------------------------- the source
@@ -444,10 +454,12 @@ class Ul2Source:
         self.shards = shards
         self._rows = shard_rows(self.cfg.batch_size, shards, self.process_index,
                                 self.process_count)
-        self._iterators = {v: iter(make_dataset(self.cfg, self.documents, self.vocab,
-                                                self.mixture, process_index=v,
-                                                process_count=shards))
-                           for v, _ in self._rows}
+        self._iterators = {v: iter(self._shard_dataset(v, shards)) for v, _ in self._rows}
+
+    def _shard_dataset(self, shard: int, shards: int) -> grain.IterDataset:
+        """Data shard `shard` of `shards` (a subclass mixes other rows in, see image_text.py)."""
+        return make_dataset(self.cfg, self.documents, self.vocab, self.mixture,
+                            process_index=shard, process_count=shards)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
@@ -525,6 +537,8 @@ class Ul2Source:
                    if k not in _SPEED_ONLY | {"shards"} and state["config"].get(k) != v]
         changed += [f"{k}={state.get(k)!r} (now {v!r})" for k, v in mine.items()
                     if state.get(k) != v]
+        changed += [f"{k}={state[k]!r} (now not set)" for k in sorted(  # e.g. image_text
+            set(state) - set(mine) - {"format", "config", "shards", "positions"})]
         if state["config"].get("num_workers") != config["num_workers"]:
             changed.append(f"num_workers={state['config'].get('num_workers')!r} (now "
                            f"{config['num_workers']!r}; grain's saved reader position is per "

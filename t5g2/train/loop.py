@@ -49,8 +49,9 @@ def make_source(config: ml_collections.ConfigDict, model_cfg: ModelConfig,
 
     "ul2": the UL2 mixture-of-denoisers pipeline (t5g2.data.pipeline) with `config.data.ul2`;
     lengths, global batch and seed come from the train config and `config.seed`, so they are
-    set in one place. "seqio": a registered seqio task or mixture (`config.data.seqio`), with
-    the same lengths, batch and seed. "synthetic": a copy task for smoke and sharding tests.
+    set in one place; with `config.data.image_text.paths` set, image-text rows are mixed in
+    (t5g2.data.image_text). "seqio": a registered seqio task or mixture (`config.data.seqio`),
+    with the same lengths, batch and seed. "synthetic": a copy task for smoke and sharding tests.
     """
     source = config.data.source
     if source == "ul2":
@@ -87,8 +88,15 @@ def _ul2_source(config, model_cfg: ModelConfig, train_cfg: TrainConfig):
     from t5g2.data.pipeline import Ul2Source
 
     pipeline_cfg = pipeline_config(config, train_cfg)
-    source = Ul2Source(pipeline_cfg,
-                       documents=evaluation.training_documents(config, pipeline_cfg))
+    documents = evaluation.training_documents(config, pipeline_cfg)
+    image_text = config["data"].get("image_text")
+    if image_text and image_text.get("paths"):  # image-text rows mixed in (t5g2/data/image_text.py)
+        from t5g2.data.image_text import ImageSpec, ImageTextConfig, ImageTextSource
+
+        source = ImageTextSource(pipeline_cfg, ImageTextConfig.from_mapping(image_text),
+                                 ImageSpec.from_model(model_cfg), documents=documents)
+    else:
+        source = Ul2Source(pipeline_cfg, documents=documents)
     check_vocabulary_fits_model(source.vocab, model_cfg)
     return source
 
