@@ -16,6 +16,7 @@ def get_config():
     model = base.model(enc, vocab_size=512)
     model.eoi_token_id = 500
     model.image_token_id = 501
+    model.boi_token_id = 502  # with a tower (`model.vision = base.vision(**base.TINY_VISION)`)
     model.dtype = "float32"
     model.remat = "save_dots"  # on CPU the fastest: fewer stacked residuals around the layer scan
     train = base.train(batch_size=8, encoder_length=128, decoder_length=128, steps=300,

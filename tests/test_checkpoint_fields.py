@@ -5,7 +5,7 @@ import dataclasses
 
 from t5g2.model import checkpoint_fields
 from t5g2.train.checkpoint import model_differences
-from tests.reference import tiny_config
+from tests.reference import tiny_config, tiny_vision_config
 
 
 def test_differences_name_nested_fields_alike_on_configs_and_their_json():
@@ -33,3 +33,12 @@ def test_a_resumed_checkpoint_ignores_only_how_the_model_computes():
         "model.image_token_id=None in its config.json, 501 now",
         "model.param_dtype='float32' in its config.json, 'bfloat16' now",
         "model.scan_layers=True in its config.json, False now"]
+
+
+def test_a_checkpoint_from_before_the_vision_fields_is_the_text_only_model():
+    now = tiny_config().to_dict()
+    older = {"model": {k: v for k, v in now.items() if k not in ("vision", "boi_token_id")}}
+    assert model_differences(older, {"model": now}) == []
+    with_tower = tiny_vision_config().to_dict()
+    assert [d.split("=")[0] for d in model_differences(older, {"model": with_tower})] == [
+        "model.vision"]

@@ -15,6 +15,7 @@
    over the batches it really trained on, and StepTimer's per-step, all-process accounting.
 """
 
+import dataclasses
 import importlib
 import json
 import math
@@ -29,10 +30,11 @@ from jax.extend import core as jcore
 from t5g2.model import ModelConfig, T5Gemma2, attention
 from t5g2.model.attention import MaskSpec, decoder_window, encoder_window
 from t5g2.model.flops import (batch_forward_flops, batch_train_flops, decoder_self_pairs,
+                              vision_forward_flops,
                               encoder_pairs, forward_flops, segment_lengths, train_flops,
                               window_pairs)
 from t5g2.train.metrics import StepTimer, sum_over_processes
-from tests.reference import tiny_config
+from tests.reference import tiny_config, tiny_vision_config
 from tests.test_metrics import FakeClock
 
 MODES = ("merged", "separate", "global_only")
@@ -419,3 +421,28 @@ def test_training_loop_logs_the_mfu_of_real_tokens(tmp_path, cache_dir):
         assert logged[last]["mfu"] / logged[last]["mfu_padded"] == pytest.approx(expected,
                                                                                  rel=1e-9)
         assert expected < 0.95  # these rows hold padding: the two figures differ
+
+
+def test_vision_count_equals_traced_matmuls():
+    """The tower and projector's forward (all dots, the patch embedding included) for one image;
+    a batch counts the images its placeholders hold, not its image slots."""
+    cfg = tiny_vision_config(num_layers=3, sliding_window_pattern=2)
+    model = T5Gemma2(cfg, rngs=nnx.Rngs(0))
+    size = cfg.vision.image_size
+    images = jnp.zeros((1, 1, size, size, 3), jnp.float32)
+    traced = _dot_flops(jax.make_jaxpr(lambda x: model.vision(x, jnp.float32))(images).jaxpr)
+    forward = vision_forward_flops(cfg.vision, cfg.encoder.d_model)
+    assert sum(forward.values()) == traced
+    t = cfg.vision.tokens_per_image
+    tokens = np.full((2, 3 * t), 5)
+    tokens[0, :2 * t] = cfg.image_token_id  # two images in row 0, none in row 1
+    batch = {"encoder_input_tokens": tokens, "encoder_images": np.zeros((2, 3, size, size, 3)),
+             "encoder_segment_ids": np.ones_like(tokens),
+             "decoder_segment_ids": np.ones((2, 4), np.int64)}
+    text_only = {k: v for k, v in batch.items() if k != "encoder_images"}
+    extra = batch_train_flops(cfg, batch) - batch_train_flops(cfg, text_only)
+    # Frozen (the default): forward only, for the two real images.
+    assert extra == 2 * sum(forward.values())
+    trained = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, trainable="all"))
+    assert batch_train_flops(trained, batch) - batch_train_flops(trained, text_only) == 2 * (
+        2 * forward["patch_embedding"] + 3 * (forward["tower"] + forward["projector"]))

@@ -185,20 +185,22 @@ def test_unknown_field_is_named():
         ModelConfig.from_config_dict(cd)
 
 
-def test_image_features_fill_placeholders_in_row_major_order():
+def test_image_features_fill_each_rows_placeholders_in_order():
     cfg = tiny_config(**SMALL_STACK)
     model = T5Gemma2(cfg, rngs=nnx.Rngs(0))
     img = cfg.image_token_id
-    tokens = np.array([[5, img, img, 6, img], [img, 7, 8, 9, 10]])
-    features = np.arange(2 * 2 * 64, dtype=np.float32).reshape(2, 2, 64)
+    # Two tokens per image; row 0 holds two images, row 1 one (its second slot unused).
+    tokens = np.array([[5, img, img, 6, img, img], [img, img, 7, 8, 9, 10]])
+    features = np.arange(2 * 2 * 2 * 64, dtype=np.float32).reshape(2, 2, 2, 64)
     x = model.embed(jnp.asarray(tokens), jnp.float32)
     out = np.asarray(insert_image_features(x, tokens, features, img))
-    flat = features.reshape(4, 64)
-    np.testing.assert_array_equal(out[0, [1, 2, 4]], flat[:3])
-    np.testing.assert_array_equal(out[1, 0], flat[3])
+    np.testing.assert_array_equal(out[0, [1, 2, 4, 5]], features[0].reshape(4, 64))
+    np.testing.assert_array_equal(out[1, [0, 1]], features[1, 0])
     np.testing.assert_array_equal(out[0, [0, 3]], np.asarray(x)[0, [0, 3]])
-    with pytest.raises(ValueError, match="3 image placeholder tokens for 4"):
-        insert_image_features(x, tokens[:1], features, img)
+    np.testing.assert_array_equal(out[1, 2:], np.asarray(x)[1, 2:])
+    with pytest.raises(ValueError, match="row 0 has 3 image placeholder tokens: expected a "
+                                         "multiple of 2 tokens per image, for at most 2 images"):
+        insert_image_features(x, tokens[:, :5], features, img)
 
 
 @pytest.mark.parametrize("cross_attention", ["merged", "separate"])

@@ -82,8 +82,7 @@ def read_image_bytes(path: str, where: str | None = None) -> bytes:
         return fs.read_bytes(path)
     except FileNotFoundError:
         raise _file_error("missing_image", where, "image file not found",
-                          "check the path (relative paths are relative to the working "
-                          "directory)") from None
+                          "check the path and that the file exists where it names") from None
     except IsADirectoryError:
         raise _file_error("unreadable_image", where, "is a directory, not an image file",
                           "point the example at an image file") from None

@@ -191,6 +191,11 @@ class ModelConfig:
                 raise ConfigError(f"{prefix}.vision={self.vision!r} must be the vision tower's "
                                   "fields or None")
             self.vision.validate(f"{prefix}.vision")
+            for name in ("boi_token_id", "eoi_token_id", "image_token_id"):
+                value = getattr(self, name)
+                if not 0 <= value < self.vocab_size:
+                    raise ConfigError(f"{prefix}.{name}={value} is outside the vocabulary [0, "
+                                      f"{self.vocab_size}): a model that reads images embeds it")
         if self.cross_attention not in CROSS_ATTENTION_MODES:
             raise ConfigError(
                 f"{prefix}.cross_attention={self.cross_attention!r} is unknown; "

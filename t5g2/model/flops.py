@@ -42,7 +42,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from t5g2.model.attention import decoder_window, encoder_window
-from t5g2.model.config import ModelConfig, StackConfig
+from t5g2.model.config import ModelConfig, StackConfig, VisionConfig
 
 
 TRAIN_OVER_FORWARD = 3  # forward + backward, the backward being 2 x forward (see train_flops)
@@ -216,8 +216,49 @@ def batch_forward_flops(cfg: ModelConfig, batch: Mapping[str, np.ndarray], *,
     return result
 
 
+VISION_PARTS = ("patch_embedding", "tower", "projector")
+
+
+def vision_forward_flops(vision: VisionConfig, text_dim: int) -> dict[str, int]:
+    """Model FLOPs of the vision path's forward for one image, by part: the patch embedding (a
+    matmul over each flattened patch), the tower's layers (q/k/v/o and the MLP per patch, scores
+    and values over every pair of patches) and the projector's matmul per image token."""
+    n, d = vision.patches_per_side ** 2, vision.d_model
+    per_layer = 2 * n * d * (4 * d + 2 * vision.ffn_dim) + 2 * 2 * n * n * d
+    return {"patch_embedding": 2 * n * vision.patch_size ** 2 * vision.num_channels * d,
+            "tower": vision.num_layers * per_layer,
+            "projector": 2 * vision.tokens_per_image * d * text_dim}
+
+
+def vision_train_flops(vision: VisionConfig, text_dim: int) -> int:
+    """Model FLOPs one image costs a training step. A frozen part runs forward only; a trained
+    part adds its backward (2 x forward: the gradients of input and weight), less the input
+    gradient where nothing before it trains (the pixels; the tower's output when only the
+    projector trains)."""
+    f = vision_forward_flops(vision, text_dim)
+    if vision.trainable == "none":
+        return sum(f.values())
+    if vision.trainable == "projector":
+        return f["patch_embedding"] + f["tower"] + 2 * f["projector"]
+    return 2 * f["patch_embedding"] + TRAIN_OVER_FORWARD * (f["tower"] + f["projector"])
+
+
+def batch_images(cfg: ModelConfig, batch: Mapping[str, np.ndarray]) -> int:
+    """The images a batch really holds: its image placeholders over the tokens per image (empty
+    image slots, computed but unread, are padding)."""
+    if cfg.vision is None or "encoder_images" not in batch:
+        return 0
+    placeholders = int(np.sum(np.asarray(batch["encoder_input_tokens"]) == cfg.image_token_id))
+    return placeholders // cfg.vision.tokens_per_image
+
+
 def batch_train_flops(cfg: ModelConfig, batch: Mapping[str, np.ndarray], *,
                       useful_only: bool = True) -> float:
-    """Model FLOPs of one training step on `batch`: `train_flops` of each packed segment, summed
-    (the MFU numerator: padding is not work)."""
-    return TRAIN_OVER_FORWARD * batch_forward_flops(cfg, batch, useful_only=useful_only)["total"]
+    """Model FLOPs of one training step on `batch`: `train_flops` of each packed segment, summed,
+    plus `vision_train_flops` of each image it holds (the MFU numerator: padding and empty image
+    slots are not work)."""
+    text = TRAIN_OVER_FORWARD * batch_forward_flops(cfg, batch, useful_only=useful_only)["total"]
+    images = batch_images(cfg, batch)
+    if not images:
+        return text
+    return text + float(images * vision_train_flops(cfg.vision, cfg.encoder.d_model))

@@ -187,14 +187,23 @@ class ProcessJsonRestore(ocp.args.CheckpointArgs):
 # ----------------------------------------------------------------------------------------------
 # Config compatibility.
 
+# Model fields added after the first t5g2 checkpoints, and what a saved config without one
+# described: no vision tower; and a begin-of-image id nothing depended on (an ordinary token of a
+# model without a tower), so whatever the run sets now.
+_FIELDS_ADDED_LATER = {"vision": lambda now: None, "boi_token_id": lambda now: now}
+
+
 def model_differences(saved_config: Mapping[str, Any], config: Mapping[str, Any],
                       saved_in: str = "the checkpoint") -> list[str]:
     """Model-config fields that differ from the checkpoint's: all but those that only change
     how the model computes (`checkpoint_fields.COMPUTE_FIELDS`; the module says why)."""
-    return [f"model.{field}={saved!r} in {saved_in}, {current!r} now"
-            for field, saved, current in checkpoint_fields.differences(
-                saved_config.get("model", {}), config.get("model", {}),
-                ignore=checkpoint_fields.COMPUTE_FIELDS)]
+    saved, now = dict(saved_config.get("model", {})), config.get("model", {})
+    for field, meant in _FIELDS_ADDED_LATER.items():
+        if field not in saved:
+            saved[field] = meant(now.get(field))
+    return [f"model.{field}={before!r} in {saved_in}, {current!r} now"
+            for field, before, current in checkpoint_fields.differences(
+                saved, now, ignore=checkpoint_fields.COMPUTE_FIELDS)]
 
 
 def config_as_json(config) -> dict[str, Any]:

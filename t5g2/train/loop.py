@@ -159,7 +159,7 @@ def check_vocabulary_fits_model(vocab, model_cfg: ModelConfig) -> None:
                           f"{model_cfg.vocab_size}; shrink data.ul2.vocab_size or the "
                           "sentinel count")
     if vocab.extra_ids:  # a generic model: its ids are text; the special ids must lie above
-        for name in ("eoi_token_id", "image_token_id"):
+        for name in ("boi_token_id", "eoi_token_id", "image_token_id"):
             value = getattr(model_cfg, name)
             if value is not None and 0 <= value < vocab.size:
                 raise ConfigError(f"model.{name}={value} is an ordinary id of the {vocab.size}-id"
