@@ -45,6 +45,25 @@ def vision(**overrides):
     return config_section(VisionConfig, **overrides)
 
 
+VARIANTS = ("", "text")
+
+
+def released_model(encoder, variant: str | None):
+    """A released size's model section: T5Gemma 2 with the released tower, or text only for
+    the variant "text" (`--config=configs/<size>.py:text`, the way to drop the tower, since a
+    command-line override cannot set a section to None)."""
+    variant = variant or ""
+    if variant not in VARIANTS:
+        from t5g2.configlib import ConfigError
+
+        raise ConfigError(f"config variant {variant!r} is unknown; valid: '' (with the vision "
+                          "tower) or 'text' (e.g. --config=configs/t5g2_270m.py:text)")
+    cfg = model(encoder)
+    if variant != "text":
+        cfg.vision = vision()
+    return cfg
+
+
 # A tower for tests and CPU runs: 56 px, 4 x 4 patches pooled to 2 x 2 = 4 tokens per image.
 TINY_VISION = dict(image_size=56, patch_size=14, d_model=32, ffn_dim=64, num_layers=2,
                    num_heads=2, tokens_per_image=4)
@@ -103,7 +122,9 @@ def data(source: str = "ul2"):
 def init():
     """Where a fresh run's parameters come from (a workdir holding checkpoints always resumes):
     from_gemma3: a Hugging Face Gemma 3 directory, adapted into the encoder-decoder;
-    from_t5gemma2: a Hugging Face T5Gemma 2 directory, to continue training; neither: random."""
+    from_t5gemma2: a Hugging Face T5Gemma 2 directory, to continue training; neither: random.
+    vision_from: a checkpoint (T5Gemma 2, multimodal Gemma 3, SiglipVisionModel) whose tower (and
+    projector, if it maps into this model's width) starts `model.vision` (t5g2/train/init.py)."""
     from t5g2.run_config import InitConfig, config_section
 
     return config_section(InitConfig)

@@ -72,9 +72,22 @@ _PUBLISHED_NAMES = {"model.language_model.": "language_model.model.",
 SCALED = {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}  # the shipped configs' global
 
 
-def _shipped(module, vocab_size: int, num_layers: int = 6, **special_ids) -> ModelConfig:
-    """The shipped config `module` with the shrunk sizes and float32, its RoPE untouched."""
+# PUBLISHED_4B's vision_config as t5g2's VisionConfig fields.
+SHRUNK_TOWER = dict(d_model=8, ffn_dim=16, num_layers=1, num_heads=2, image_size=28,
+                    patch_size=14, tokens_per_image=4)
+
+
+def _shipped(module, vocab_size: int, num_layers: int = 6, tower: dict | None = None,
+             **special_ids) -> ModelConfig:
+    """The shipped config `module` with the shrunk sizes and float32, its RoPE untouched; its
+    vision tower shrunk to `tower`, or without one (the text path: where the tower starts is
+    tests/test_init_vision.py's)."""
     model = module.get_config().model
+    assert model.vision.d_model == 1152  # shipped with the released tower
+    if tower is None:
+        model.vision = None
+    else:
+        model.vision.update(tower)
     for side in ("encoder", "decoder"):
         model[side].update(num_layers=num_layers, d_model=16, ffn_dim=32)
     model.update(vocab_size=vocab_size, dtype="float32", remat="none", attention_query_chunk=0,
@@ -189,7 +202,8 @@ def test_published_4b_form_adapts_cut_to_the_t5gemma2_vocabulary(tmp_path, caplo
     written = _write_multimodal_gemma3(tmp_path, seed=7)
     table = written["language_model.model.embed_tokens.weight"]
     assert table.shape == (262_208, 16)
-    cfg = _shipped(configs.t5g2_4b, vocab_size=262_144)  # the shipped ids: EOI 256,000
+    # The shipped ids (EOI 256,000, image 256,001: Gemma 3's image token 262,144 is cut).
+    cfg = _shipped(configs.t5g2_4b, vocab_size=262_144, tower=SHRUNK_TOWER)
     with caplog.at_level(logging.INFO):
         state, origin, _, _ = _start(cfg, from_gemma3=str(tmp_path))
     assert origin.startswith(f"Gemma 3 checkpoint {tmp_path} (adapted: ")
@@ -197,7 +211,7 @@ def test_published_4b_form_adapts_cut_to_the_t5gemma2_vocabulary(tmp_path, caplo
     messages = [r.getMessage() for r in caplog.records]
     assert ("dropping 64 embedding rows (ids 262144..262207) beyond vocab_size=262144"
             in messages)
-    assert any(m.startswith("Gemma 3: skipped ") and "vision_tower." in m for m in messages)
+    assert not any(m.startswith("Gemma 3: skipped ") for m in messages)  # the tower is taken
     assert _rope_lines(caplog) == []  # already linear x8: nothing changes
 
     # transformers reads the published layout too: the adapted decoder is its text model.
@@ -212,6 +226,16 @@ def test_published_4b_form_adapts_cut_to_the_t5gemma2_vocabulary(tmp_path, caplo
     gap, scale = _gemma3_logit_gap(text_logits, model, cfg)
     # Measured: gap 1.0e-5 on logits up to 5.2.
     assert scale > 1.0 and gap <= TOL
+
+    # The tower (vision_tower.vision_model.*) and projector are the source's: the same image
+    # tokens from the same images.
+    pixels = np.random.default_rng(0).uniform(-1, 1, (2, 28, 28, 3)).astype(np.float32)
+    with torch.no_grad():
+        theirs = source.get_image_features(torch.tensor(pixels.transpose(0, 3, 1, 2)))
+    theirs = theirs.pooler_output.numpy()
+    ours = np.asarray(model.vision(pixels[None], model.dtype))[0]
+    assert ours.shape == theirs.shape == (2, 4, 16) and np.abs(theirs).max() > 0.1
+    np.testing.assert_allclose(ours, theirs, atol=TOL, rtol=0)
 
 
 def test_make_gemma3_writes_the_published_rope_form(tmp_path, caplog):

@@ -7,18 +7,32 @@ import dataclasses
 import ml_collections
 import pytest
 
-from configs import base, t5g2_1b, t5g2_270m, t5g2_4b, tiny
+from configs import base, t5g2_1b, t5g2_270m, t5g2_4b, tiny, tiny_vision
 from t5g2.configlib import ConfigError
 from t5g2.data.pipeline import PipelineConfigError
 from t5g2.run_config import (CheckpointConfig, InitConfig, MeshConfig, RunConfig, SeqioConfig)
 from t5g2.train.eval import EvalConfig
 
 
-@pytest.mark.parametrize("module", [tiny, t5g2_270m, t5g2_1b, t5g2_4b])
+@pytest.mark.parametrize("module", [tiny, tiny_vision, t5g2_270m, t5g2_1b, t5g2_4b])
 def test_every_shipped_config_builds(module):
     run = RunConfig.from_config(module.get_config())
     assert run.model.encoder.num_layers > 0 and run.train.steps > 0
     assert run.data.source == "ul2" and run.checkpoint.enabled
+    assert (run.model.vision is None) == (module is tiny)
+
+
+def test_the_released_sizes_have_a_text_only_variant(tmp_path):
+    """`--config=configs/<size>.py:text` drops the tower (an override cannot set it to None)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=values)
+    values(["prog", "--config=configs/t5g2_270m.py:text"])
+    assert RunConfig.from_config(values.config).model.vision is None
+    with pytest.raises(ConfigError, match="config variant 'vision' is unknown"):
+        t5g2_1b.get_config("vision")
 
 
 def _set(path, value):

@@ -11,6 +11,16 @@ soft token 262144 and padding); they are dropped explicitly, and a smaller sourc
 error. The learned end-of-image vector starts as Gemma 3's scaled EOI row (row * sqrt(d) in
 float32), so the adapted model embeds EOI as Gemma 3 does in float32 (Gemma 3 in bf16 rounds the
 scale, e.g. 25.25 for 25.298, a 0.2% difference).
+
+Vision: a multimodal Gemma 3 (`Gemma3ForConditionalGeneration`, the 4B layout) carries the SigLIP
+tower and projector T5Gemma 2 starts from; when the t5g2 config has `vision`, they convert with
+`siglip` (the config's tower must be the source's), and otherwise they are skipped and counted.
+Every key form loads: transformers 5's in-memory names (`model.language_model.`,
+`model.vision_tower.`, `model.multi_modal_projector.`), what its `save_pretrained` writes
+(`language_model.model.`, `vision_tower.`, `multi_modal_projector.`) and the released files'
+(the same with the tower nested as `vision_tower.vision_model.`). The special ids are the t5g2
+config's: Gemma 3's image token (262,144) lies outside T5Gemma 2's 262,144-id vocabulary, so the
+adapted model uses its own `image_token_id` (256,001 in T5Gemma 2) and never reads Gemma 3's.
 """
 
 from __future__ import annotations
@@ -21,12 +31,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from t5g2.convert import checkpoint_files
+from t5g2.convert import checkpoint_files, siglip
 from t5g2.convert.hf_config import (TEXT_DEFAULTS, TensorSource, as_dict, first_id,
                                    hf_text_from_stack, stack_from_hf_text, to_numpy)
 from t5g2.convert.layout import LAYER_WEIGHTS, stack_layers, to_t5g2, to_torch, unstack_layers
 from t5g2.model import checkpoint_fields
-from t5g2.model.config import ConfigError, ModelConfig
+from t5g2.model.config import ConfigError, ModelConfig, VisionConfig
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +47,9 @@ _GEMMA3_NAMES = {"pre_self_attn_layernorm.weight": "input_layernorm.weight",
 # Gemma3ForCausalLM, Gemma3ForConditionalGeneration (transformers 5 and 4) text prefixes.
 _TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
 _HEAD_KEYS = ("lm_head.weight", "language_model.lm_head.weight")
-_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.")
+# The tower and projector, as `text_key` leaves them (either key form).
+TOWER, PROJECTOR = "vision_tower.", "multi_modal_projector."
+VISION_PREFIXES = (TOWER, PROJECTOR)
 # config.json model_type of Gemma3ForCausalLM and of the multimodal Gemma3ForConditionalGeneration.
 MODEL_TYPES = ("gemma3_text", "gemma3")
 # How `to_gemma3_config` writes RoPE. "config": the stack's own, as `rope_parameters`.
@@ -50,16 +62,22 @@ ROPE_FORMS = ("config", "published")
 
 def config_from_gemma3(gemma3_config: Any, *, vocab_size: int | None = None,
                        **overrides: Any) -> ModelConfig:
-    """T5Gemma 2 config with both stacks shaped like the Gemma 3 text model.
+    """T5Gemma 2 config with both stacks shaped like the Gemma 3 text model, and for a
+    multimodal Gemma 3 its vision tower (`vision`) and begin / end-of-image ids.
 
     vocab_size: default T5Gemma 2's 262,144, or the source's own size if that is smaller.
     overrides: any ModelConfig field, e.g. cross_attention='separate', tie_embeddings=False.
     """
-    d = as_dict(gemma3_config)
-    if d.get("model_type", MODEL_TYPES[0]) not in MODEL_TYPES:
-        raise ConfigError(f"model_type={d['model_type']!r}: expected a Gemma 3 config "
+    top = as_dict(gemma3_config)
+    if top.get("model_type", MODEL_TYPES[0]) not in MODEL_TYPES:
+        raise ConfigError(f"model_type={top['model_type']!r}: expected a Gemma 3 config "
                           f"({' or '.join(map(repr, MODEL_TYPES))})")
-    d = d.get("text_config") or d  # a multimodal Gemma3Config nests the text config
+    multimodal = {}
+    if top.get("model_type") == MODEL_TYPES[1]:  # missing fields as transformers defaults them
+        multimodal = dict(vision=vision_config(top),
+                          boi_token_id=top.get("boi_token_index", 255_999),
+                          eoi_token_id=top.get("eoi_token_index", 256_000))
+    d = top.get("text_config") or top  # a multimodal Gemma3Config nests the text config
     stack = stack_from_hf_text(d, "gemma3")
     fields = dict(
         encoder=stack, decoder=stack,
@@ -67,14 +85,27 @@ def config_from_gemma3(gemma3_config: Any, *, vocab_size: int | None = None,
                                     T5GEMMA2_VOCAB_SIZE),
         final_logit_softcap=d.get("final_logit_softcapping"),
         pad_id=d.get("pad_token_id", 0), eos_id=first_id(d.get("eos_token_id", 1)),
-        bos_id=d.get("bos_token_id", 2))
+        bos_id=d.get("bos_token_id", 2), **multimodal)
     fields.update(overrides)
     cfg = ModelConfig(**fields)
     cfg.validate()
     return cfg
 
 
-def _text_key(key: str) -> str | None:
+def vision_config(gemma3_config: Any) -> VisionConfig | None:
+    """The tower and projector of a multimodal Gemma 3 config (missing fields as transformers
+    defaults them); None for a text-only one."""
+    top = as_dict(gemma3_config)
+    if top.get("model_type") != MODEL_TYPES[1]:
+        return None
+    tower = dict(top.get("vision_config") or {})
+    tower.pop("model_type", None)
+    return siglip.vision_from_hf(tower, top.get("mm_tokens_per_image", 256), "vision_config")
+
+
+def text_key(key: str) -> str:
+    """`key` without its text-model prefix (Gemma3ForCausalLM or either multimodal form), the
+    LM head as `lm_head.weight`; the tower's and projector's keys start with VISION_PREFIXES."""
     if key in _HEAD_KEYS:
         return "lm_head.weight"
     for prefix in _TEXT_PREFIXES:
@@ -95,7 +126,8 @@ def fit_vocab(table: np.ndarray, vocab_size: int) -> np.ndarray:
 
 
 def adapt_state_dict(state_dict: Mapping[str, Any], cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """t5g2 flat params initialised from a Gemma 3 state dict (numpy arrays or torch tensors)."""
+    """t5g2 flat params initialised from a Gemma 3 state dict (numpy arrays or torch tensors):
+    the vision tower and projector too when `cfg.vision` is set (else skipped and counted)."""
     differ = checkpoint_fields.differences(cfg.encoder, cfg.decoder,
                                            ignore=checkpoint_fields.ROPE_STACK_FIELDS)
     if differ:
@@ -103,8 +135,8 @@ def adapt_state_dict(state_dict: Mapping[str, Any], cfg: ModelConfig) -> dict[st
                           "model.encoder and model.decoder must be equal (RoPE aside): "
                           + ", ".join(f"model.encoder.{f}={a!r} but model.decoder.{f}={b!r}"
                                       for f, a, b in differ))
-    sd = TensorSource({_text_key(k): to_numpy(v) for k, v in state_dict.items()}, "Gemma 3",
-                      _VISION_PREFIXES)
+    sd = TensorSource({text_key(k): to_numpy(v) for k, v in state_dict.items()}, "Gemma 3",
+                      VISION_PREFIXES if cfg.vision is None else ())
     take = sd.take
 
     stack = cfg.decoder
@@ -136,6 +168,8 @@ def adapt_state_dict(state_dict: Mapping[str, Any], cfg: ModelConfig) -> dict[st
             w["pre_cross_norm/scale"] = w["pre_attn_norm/scale"]
             w["post_cross_norm/scale"] = w["post_attn_norm/scale"]
     flat.update(stack_layers(cfg.decoder, "decoder/layers", decoder_layers))
+    if cfg.vision is not None:
+        flat.update(siglip.take_vision(sd, cfg.vision, TOWER, PROJECTOR))
 
     sd.check_all_taken()
     return flat
@@ -161,8 +195,8 @@ def to_gemma3_state_dict(flat: Mapping[str, np.ndarray],
                          cfg: ModelConfig) -> dict[str, np.ndarray]:
     """The Gemma3ForCausalLM state dict of `cfg`'s decoder, named as `save_pretrained` writes it
     (a tied lm_head omitted): the decoder half of `adapt_state_dict` inverted. Separate
-    cross-attention blocks and the learned EOI vector have no Gemma 3 counterpart and are left
-    out."""
+    cross-attention blocks, the learned EOI vector and the vision tower have no Gemma 3 causal-LM
+    counterpart and are left out."""
     untied = not cfg.tie_embeddings
     sd = {"model.embed_tokens.weight": flat["decoder_embed/table" if untied else "embed/table"]}
     for i, weights in unstack_layers(cfg.decoder, "decoder/layers", flat).items():

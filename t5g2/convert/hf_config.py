@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 class TensorSource:
     """A checkpoint's tensors, each to be taken once: what is left at the end is an error.
 
-    Keys starting with one of `skip_prefixes` (parts t5g2 does not model yet, e.g. the vision
-    tower) are skipped and counted, never silently dropped.
+    Keys starting with one of `skip_prefixes` (parts this model does not have, e.g. the vision
+    tower of a text-only model) are skipped and counted, never silently dropped.
     """
 
     def __init__(self, tensors: Mapping[str, np.ndarray], name: str,
@@ -46,7 +46,7 @@ class TensorSource:
                              f"{unexpected[:8]}")
         skipped = sum(k.startswith(self.skip_prefixes) for k in self.tensors)
         if skipped:
-            log.warning("%s: skipped %d tensors under %s (not part of t5g2's text model)",
+            log.warning("%s: skipped %d tensors under %s (not used by this model)",
                         self.name, skipped, ", ".join(self.skip_prefixes))
 
 

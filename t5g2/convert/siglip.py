@@ -93,8 +93,9 @@ def tower_prefix(source: TensorSource, prefix: str) -> str:
 
 
 def take_vision(source: TensorSource, vision: VisionConfig, tower: str,
-                projector: str) -> dict[str, np.ndarray]:
-    """t5g2's `vision/...` flat params from `source` (keys under `tower` and `projector`)."""
+                projector: str | None) -> dict[str, np.ndarray]:
+    """t5g2's `vision/...` flat params from `source` (keys under `tower` and `projector`; the
+    tower's alone when `projector` is None)."""
     tower = tower_prefix(source, tower)
     flat = {f"vision/tower/{ours}": to_t5g2(source.take(tower + hf), layout, vision.head_dim)
             for hf, ours, layout in EMBEDDING_WEIGHTS}
@@ -103,8 +104,9 @@ def take_vision(source: TensorSource, vision: VisionConfig, tower: str,
                   for hf, ours, layout in VISION_LAYER_WEIGHTS}
               for i in range(vision.num_layers)}
     flat.update(stack_layers(_Stacking(vision.num_layers), TOWER_LAYERS, layers))
-    flat.update({f"vision/projector/{ours}": source.take(projector + hf)
-                 for hf, ours, _ in PROJECTOR_WEIGHTS})
+    if projector is not None:
+        flat.update({f"vision/projector/{ours}": source.take(projector + hf)
+                     for hf, ours, _ in PROJECTOR_WEIGHTS})
     return flat
 
 

@@ -219,7 +219,7 @@ def start_state(config, model_cfg: ModelConfig, tx, mesh, shardings: TrainState,
     """(state, step, origin): the workdir's checkpoint when there is one, else the configured
     initialisation. The workdir is checked against this config before anything in it changes:
     its checkpoint, or without one its config.json, must describe the same model."""
-    from t5g2.train.init import chosen_init, initial_train_state
+    from t5g2.train.init import chosen_init, init_config, initial_train_state
 
     chosen = chosen_init(config)
     config_json = config_as_json(config)
@@ -236,8 +236,10 @@ def start_state(config, model_cfg: ModelConfig, tx, mesh, shardings: TrainState,
         state, origin = initial_train_state(config, model_cfg, tx, mesh, shardings)
     else:
         _restore_data_position(source, restored, config)
-        if chosen:
-            log.info("init.%s is ignored: resuming from the workdir's checkpoint", chosen[0])
+        ignored = ([chosen[0]] if chosen else []) + (
+            ["vision_from"] if init_config(config).vision_from else [])
+        for name in ignored:
+            log.info("init.%s is ignored: resuming from the workdir's checkpoint", name)
         state, origin = restored.state, f"checkpoint {restored.path} (step {restored.step})"
     start = restored.step if restored else 0
     if checkpointer is not None:

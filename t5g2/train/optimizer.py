@@ -1,4 +1,9 @@
-"""AdamW with linear warmup and cosine decay, global-norm clipping, no decay on norms/EOI."""
+"""AdamW with linear warmup and cosine decay, global-norm clipping, no decay on norms, biases
+and the EOI vector.
+
+The optimizer is applied to the trainable parameters only (`t5g2.train.state.split_trainable`):
+a frozen vision tower has no moments.
+"""
 
 from __future__ import annotations
 
@@ -17,9 +22,11 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
 
 
 def _decay_mask(params: nnx.State):
-    """Weight decay on matrices only: not on norm scales or the EOI vector."""
+    """Weight decay on matrices only: not on norm scales, biases (the vision tower's) or the EOI
+    vector. By name, since stacked layers give vectors a leading layer axis."""
     def decays(path, _):
-        return not any(("norm" in str(p)) or p == "eoi" for p in path)
+        return not any(("norm" in str(p)) or str(p).endswith("bias") or p == "eoi"
+                       for p in path)
 
     return nnx.map_state(decays, params)
 

@@ -4,6 +4,10 @@ explicit shardings and donated state.
 Losses and gradients are accumulated as sums over target tokens and divided by the total token
 weight once, so k micro-batches give exactly the gradient of one batch of k times the size.
 
+Only the trainable parameters are differentiated (`state.split_trainable`): the frozen ones (the
+vision tower) enter the loss as a constant, so they get no gradient buffers and no activations
+are kept for their backward; `grad_norm` is the trainable parameters' gradient norm.
+
 Every step also reports `nonfinite`: 1 when its loss, its gradient norm or any value of the
 updated parameters and optimizer state is not finite (a finite gradient can still overflow the
 update), i.e. exactly when the state it returns could not be saved. With
@@ -27,11 +31,11 @@ from t5g2.model import ModelConfig
 from t5g2.train.config import TrainConfig
 from t5g2.train.loss import LossSums, chunked_cross_entropy
 from t5g2.train.preemption import CHECKPOINT_REQUEST  # optional: in the loop's batches
-from t5g2.train.state import TrainState, model_graphdef
+from t5g2.train.state import TrainState, model_graphdef, split_trainable
 
 Batch = Mapping[str, jax.Array]
 MODEL_INPUTS = ("encoder_segment_ids", "encoder_positions", "decoder_segment_ids",
-                "decoder_positions")
+                "decoder_positions", "encoder_images")
 
 
 def loss_function(model_cfg: ModelConfig, z_loss: float, loss_chunk: int = 0) -> Callable:
@@ -47,6 +51,18 @@ def loss_function(model_cfg: ModelConfig, z_loss: float, loss_chunk: int = 0) ->
         return sums.total, sums
 
     return loss_sums
+
+
+def trainable_loss_function(model_cfg: ModelConfig, z_loss: float,
+                            loss_chunk: int = 0) -> Callable:
+    """trainable, frozen, batch -> (total loss sum, LossSums): `loss_function` with the
+    parameters in the two parts of `split_trainable`, for differentiating the first only."""
+    loss_sums = loss_function(model_cfg, z_loss, loss_chunk)
+
+    def trainable_loss_sums(trainable: nnx.State, frozen: nnx.State, batch: Batch):
+        return loss_sums(nnx.merge_state(trainable, frozen), batch)
+
+    return trainable_loss_sums
 
 
 def _microbatches(batch: Batch, steps: int, mesh: Mesh, rules) -> Batch:
@@ -85,7 +101,7 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig,
                     shardings: TrainState,
                     rules: Sequence[tuple[str, Any]] = sharding.DEFAULT_RULES):
     """A jitted (state, batch) -> (state, metrics); the input state's buffers are donated."""
-    grad_fn = jax.grad(loss_function(model_cfg, train_cfg.z_loss, train_cfg.loss_chunk),
+    grad_fn = jax.grad(trainable_loss_function(model_cfg, train_cfg.z_loss, train_cfg.loss_chunk),
                        has_aux=True)
     accum = train_cfg.grad_accum_steps
     skip = train_cfg.on_nonfinite == "skip"
@@ -93,21 +109,22 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig,
     def step(state: TrainState, batch: Batch):
         batch = dict(batch)
         request = batch.pop(CHECKPOINT_REQUEST, None)
+        trainable, frozen = split_trainable(state.params, model_cfg)
         with sharding.use_mesh(mesh, rules):
             if accum == 1:
-                grads, sums = grad_fn(state.params, batch)
+                grads, sums = grad_fn(trainable, frozen, batch)
             else:
                 def accumulate(carry, micro):
-                    return jax.tree.map(jnp.add, carry, grad_fn(state.params, micro)), None
+                    return jax.tree.map(jnp.add, carry, grad_fn(trainable, frozen, micro)), None
 
-                zero = (jax.tree.map(jnp.zeros_like, state.params),
+                zero = (jax.tree.map(jnp.zeros_like, trainable),
                         LossSums(*(jnp.zeros((), jnp.float32),) * 3))
                 (grads, sums), _ = jax.lax.scan(accumulate, zero,
                                                 _microbatches(batch, accum, mesh, rules))
             weight = jnp.maximum(sums.weight, 1.0)
             grads = jax.tree.map(lambda g: g / weight, grads)
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
+            updates, opt_state = tx.update(grads, state.opt_state, trainable)
+            params = optax.apply_updates(trainable, updates)
         metrics = {"loss": sums.cross_entropy / weight, "z_loss": sums.z_loss / weight,
                    "grad_norm": optax.global_norm(grads),
                    "learning_rate": schedule(optimizer_count(state.opt_state, state.step)),
@@ -116,7 +133,8 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig,
                   & jnp.isfinite(metrics["grad_norm"]) & all_finite((params, opt_state)))
         if skip:  # keep the state it was given
             params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                             (params, opt_state), (state.params, state.opt_state))
+                                             (params, opt_state), (trainable, state.opt_state))
+        params = nnx.merge_state(params, frozen)
         metrics["nonfinite"] = (~finite).astype(jnp.float32)
         if request is not None:
             metrics["checkpoint_requested"] = jnp.max(request).astype(jnp.float32)
