@@ -5,6 +5,8 @@
     python -m launch.generate --workdir <run> --prompts prompts.jsonl --max_new_tokens 64 \
         --temperature 0.8 --top_k 40 --top_p 0.95 --seed 0 --json
     python -m launch.generate --hf <dir with config.json, safetensors, tokenizer.model> ...
+    python -m launch.generate --hf <multimodal dir> --image cat.jpg \
+        --prompt "<start_of_image> What is in this picture?"
 
 Exactly one of --workdir and --hf. Each prompt is read as the run's prefix-LM (S) denoiser
 reads its input: [mode token] + prompt + EOS (`--mode_token=` for none). The tokenizer is the
@@ -16,6 +18,14 @@ lengths (a directory's max_position_embeddings) x --context_scale. `--prompts` i
 object with `--json`); time to first token (encoder + prefill + first token, a warm call),
 decode tokens/s after it, and peak memory (the device's, where it reports one, and the host
 process's) go to stderr, and into the JSON.
+
+Images (`--image PATH`, repeatable; a model with a vision tower): each `<start_of_image>` marker
+in the prompts is where the next image goes, in order across the prompts (the first prompt's
+markers take the first images), so several prompts with images generate in one batch. Each
+marker becomes the image's token block as the reference processor lays it out, and the images
+are decoded and preprocessed as it does (t5g2/data/images.py). The numbers of markers and images
+must agree: a prompt with images but no marker is refused, as `Gemma3Processor` refuses it
+(write the marker where the image belongs, e.g. at the start).
 """
 
 from __future__ import annotations
@@ -25,10 +35,13 @@ import resource
 import sys
 import time
 
+import numpy as np
 from absl import flags
 
 from launch import cli
 from t5g2.configlib import ConfigError
+from t5g2.data import images
+from t5g2.data.images import IMAGE_MARKER
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "the training run's workdir (a path or gs:// URL)"
                                "; or give --hf")
@@ -50,6 +63,8 @@ _CONTEXT_SCALE = flags.DEFINE_float("context_scale", 1.0, "run at this many time
 _DTYPE = flags.DEFINE_string("dtype", None, "compute dtype (default: the run's, or the "
                              "directory's parameter dtype), e.g. float32")
 _JSON = flags.DEFINE_bool("json", False, "print one JSON object with texts and timings")
+_IMAGE = flags.DEFINE_multi_string("image", [], "an image file (repeatable): the images fill the "
+                                   "prompts' <start_of_image> markers in order")
 
 
 def read_prompts(prompts: list[str], path: str | None) -> list[str]:
@@ -79,14 +94,62 @@ def read_prompts(prompts: list[str], path: str | None) -> list[str]:
     return texts
 
 
+def read_images(paths: list[str], texts: list[str]) -> list[list]:
+    """Each prompt's decoded images (uint8 [H, W, 3]): the --image files fill the prompts'
+    markers in order. A count that does not match, or a missing or undecodable file, is a
+    ConfigError naming it; read before the model is, so a mistake costs no loading."""
+    markers = [text.count(IMAGE_MARKER) for text in texts]
+    if sum(markers) != len(paths):
+        raise ConfigError(
+            f"{len(paths)} --image file(s) but {sum(markers)} {IMAGE_MARKER} marker(s) in the "
+            f"prompts: give one --image per marker and put one {IMAGE_MARKER} where each image "
+            "goes (the images fill the markers in order, across the prompts)")
+    decoded = []
+    for path in paths:
+        try:
+            decoded.append(images.load_image(path))
+        except images.ImageError as e:
+            raise ConfigError(f"--image={path}: {e.problem}") from e
+    starts = np.cumsum([0, *markers])
+    return [decoded[a:b] for a, b in zip(starts, starts[1:])]
+
+
+def encoder_rows(source, texts: list[str], head: list[int], with_images: bool) -> list[list[int]]:
+    """Each prompt's encoder ids: head + the prompt (its image markers expanded into image token
+    blocks when there are images) + EOS."""
+    vocab, cfg = source.vocab, source.model_cfg
+    if not with_images:
+        return [head + [int(t) for t in vocab.encode(text)] + [vocab.eos_id] for text in texts]
+    rows = []
+    for i, text in enumerate(texts, 1):
+        try:
+            ids = images.encode_with_images(
+                vocab.encode, text, text.count(IMAGE_MARKER),
+                tokens_per_image=cfg.vision.tokens_per_image, boi_id=cfg.boi_token_id,
+                image_id=cfg.image_token_id, eoi_id=cfg.eoi_token_id, where=f"prompt {i}")
+        except images.ImageError as e:  # e.g. the text spells an image token itself
+            raise ConfigError(str(e)) from e
+        rows.append(head + ids.tolist() + [vocab.eos_id])
+    return rows
+
+
+def image_batch(per_prompt: list[list], size: int) -> np.ndarray:
+    """[prompts, most images of a prompt, size, size, 3] preprocessed; unused slots zero."""
+    batch = np.zeros((len(per_prompt), max(map(len, per_prompt)), size, size, 3), np.float32)
+    for row, decoded in enumerate(per_prompt):
+        for slot, image in enumerate(decoded):
+            batch[row, slot] = images.preprocess(image, size)
+    return batch
+
+
 def main(argv):
     del argv
     cli.setup_logging()
     texts = read_prompts(_PROMPT.value, _PROMPTS.value)
     if _MAX_NEW.value <= 0:
         raise ConfigError(f"--max_new_tokens={_MAX_NEW.value} must be a positive integer")
+    per_prompt = read_images(_IMAGE.value, texts) if _IMAGE.value else None
     import jax
-    import numpy as np
 
     from t5g2.generate import Sampling, generate
     from t5g2.inference_source import open_source
@@ -94,9 +157,16 @@ def main(argv):
     sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
     source = open_source(_WORKDIR.value, _HF.value, step=_STEP.value,
                          context_scale=_CONTEXT_SCALE.value, dtype=_DTYPE.value)
-    vocab = source.vocab
     head = source.mode_head(_MODE_TOKEN.value)
-    rows = [head + [int(t) for t in vocab.encode(text)] + [vocab.eos_id] for text in texts]
+    if per_prompt is None and source.model_cfg.vision is not None:
+        read_images([], texts)  # a multimodal model's markers need images
+    pixels = None
+    if per_prompt is not None:
+        if source.model_cfg.vision is None:
+            raise ConfigError(f"--image given but {source.name} is a text-only model (no vision "
+                              "tower): leave out --image, or load a multimodal model")
+        pixels = image_batch(per_prompt, source.model_cfg.vision.image_size)
+    rows = encoder_rows(source, texts, head, pixels is not None)
     enc = np.full((len(rows), max(map(len, rows))), source.model_cfg.pad_id, np.int32)
     for i, row in enumerate(rows):
         enc[i, :len(row)] = row
@@ -113,7 +183,8 @@ def main(argv):
 
     def timed(max_new_tokens):  # a compiling call, then the measured one
         call = lambda: generate(source.model, enc, max_new_tokens=max_new_tokens,  # noqa: E731
-                                sampling=sampling, key=key, max_positions=limit)
+                                sampling=sampling, key=key, max_positions=limit,
+                                encoder_images=pixels)
         call()
         began = time.perf_counter()
         out = call()
@@ -123,7 +194,8 @@ def main(argv):
     out, total = timed(_MAX_NEW.value)
     new_tokens = int(out.lengths.sum())
     decoded = [source.decode(out.tokens[i, :out.lengths[i]]) for i in range(len(texts))]
-    stats = dict(prompts=len(texts), new_tokens=new_tokens, time_to_first_token_s=first,
+    stats = dict(prompts=len(texts), images=len(_IMAGE.value), new_tokens=new_tokens,
+                 time_to_first_token_s=first,
                  decode_tokens_per_s=(new_tokens - len(texts)) / max(total - first, 1e-9),
                  peak_host_memory_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                  * 1024)
@@ -132,7 +204,8 @@ def main(argv):
         stats["peak_device_memory_bytes"] = int(device_stats["peak_bytes_in_use"])
     if _JSON.value:
         print(json.dumps(dict(step=source.step, source=source.name, results=[
-            dict(prompt=t, text=d, tokens=out.tokens[i, :out.lengths[i]].tolist())
+            dict(prompt=t, text=d, tokens=out.tokens[i, :out.lengths[i]].tolist(),
+                 encoder_tokens=rows[i])
             for i, (t, d) in enumerate(zip(texts, decoded))], **stats)))
     else:
         for text, generated in zip(texts, decoded):

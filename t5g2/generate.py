@@ -11,6 +11,9 @@ finished row emits pad).
 Rows are padded on the left or the right, as a batch comes: encoder segment ids 0 mark padding
 (by default, tokens equal to pad_id), pad_id marks a decoder prompt's; every row's tokens take
 positions 0, 1, ... wherever its padding is, so a row decodes as it would alone.
+
+Images (a model with a vision tower) go with the encoder input: they pass through the tower and
+projector once per request, inside the encoder, and fill the input's image placeholders.
 """
 
 from __future__ import annotations
@@ -94,7 +97,7 @@ def pick(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
 def generate(model: T5Gemma2, encoder_tokens, *, max_new_tokens: int, encoder_segment_ids=None,
              decoder_prompt=None, sampling: Sampling = GREEDY, key: jax.Array | None = None,
              eos_id: int | None = None, max_positions: int | None = None,
-             return_logits: bool = False) -> Generated:
+             return_logits: bool = False, encoder_images=None) -> Generated:
     """Continues each encoder input [B, S] (padded left or right) with up to `max_new_tokens`
     tokens.
 
@@ -102,7 +105,9 @@ def generate(model: T5Gemma2, encoder_tokens, *, max_new_tokens: int, encoder_se
     do), padded with pad_id on the left or the right; None starts every row from bos alone.
     `key` is required to sample. `eos_id` defaults to the model's. `max_positions`: the longest
     encoder input and decoder sequence (prompt + new tokens) allowed, e.g. the context the model
-    serves.
+    serves. `encoder_images` [B, M, H, W, 3]: each row's images, preprocessed to [-1, 1]
+    (t5g2.data.images.preprocess), in the order of its placeholder blocks; a row with fewer
+    than M images leaves its last slots unused (zeros).
     """
     cfg = model.config
     enc = np.asarray(encoder_tokens)
@@ -127,6 +132,7 @@ def generate(model: T5Gemma2, encoder_tokens, *, max_new_tokens: int, encoder_se
             raise ConfigError(f"{name} row {int(row)} " + (
                 "is empty (all padding)" if runs[row] == 0 else
                 "has padding between its tokens: pad a row on the left or on the right only"))
+    images = None if encoder_images is None else check_images(model, enc, encoder_images)
     total = prompt.shape[1] + int(max_new_tokens)
     if max_positions is not None:
         for name, value in (("encoder input length", enc.shape[1]),
@@ -144,9 +150,12 @@ def generate(model: T5Gemma2, encoder_tokens, *, max_new_tokens: int, encoder_se
         fill = -rows % sharding.batch_divisor(*active)
         enc, enc_seg, prompt, prompt_seg = (np.concatenate([x, np.repeat(x[:1], fill, 0)])
                                             for x in (enc, enc_seg, prompt, prompt_seg))
+        if images is not None:
+            images = np.concatenate([images, np.repeat(images[:1], fill, 0)])
     graphdef, state = nnx.split(model)
     tokens, logits = _generate(
         graphdef, state, jnp.asarray(enc, jnp.int32), jnp.asarray(enc_seg),
+        None if images is None else jnp.asarray(images),
         jnp.asarray(prompt, jnp.int32), jnp.asarray(prompt_seg), key,
         jnp.int32(cfg.eos_id if eos_id is None else eos_id), max_new_tokens=int(max_new_tokens),
         sampling=sampling, return_logits=return_logits, mesh_rules=active)
@@ -157,18 +166,43 @@ def generate(model: T5Gemma2, encoder_tokens, *, max_new_tokens: int, encoder_se
     return Generated(tokens, lengths, None if logits is None else np.asarray(logits))
 
 
+def check_images(model: T5Gemma2, enc: np.ndarray, images) -> np.ndarray:
+    """`images` as float32 [B, M, size, size, C] after checking them against the model's tower
+    and each encoder row's image placeholders (a whole number of images, at most M)."""
+    vision = model.config.vision
+    if vision is None:
+        raise ConfigError("encoder_images given to a model without a vision tower "
+                          "(model.vision is None): generate from text alone, or load a "
+                          "multimodal model")
+    images = np.asarray(images, np.float32)
+    size, channels = vision.image_size, vision.num_channels
+    if images.ndim != 5 or images.shape[0] != enc.shape[0] \
+            or images.shape[2:] != (size, size, channels):
+        raise ConfigError(f"encoder_images of shape {images.shape}: give [{enc.shape[0]} rows, "
+                          f"images per row, {size}, {size}, {channels}] (preprocessed, NHWC)")
+    per_image = vision.tokens_per_image
+    placeholders = np.sum(enc == model.config.image_token_id, axis=1)
+    for row, count in enumerate(placeholders):
+        if count % per_image or count > images.shape[1] * per_image:
+            raise ConfigError(
+                f"encoder input row {row} has {int(count)} image placeholder tokens: expected "
+                f"{per_image} per image, for at most {images.shape[1]} images per row "
+                "(t5g2.data.images.encode_with_images lays them out)")
+    return images
+
+
 # mesh_rules: the active `use_mesh` context, a key of the compile cache only (the traced
 # sharding constraints depend on it).
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling",
                                              "return_logits", "mesh_rules"))
-def _generate(graphdef, state, enc, enc_seg, prompt, prompt_seg, key, eos_id, *, max_new_tokens,
-              sampling, return_logits, mesh_rules):
+def _generate(graphdef, state, enc, enc_seg, images, prompt, prompt_seg, key, eos_id, *,
+              max_new_tokens, sampling, return_logits, mesh_rules):
     del mesh_rules
     model = nnx.merge(graphdef, state)
     pad_id = model.config.pad_id
     batch = enc.shape[0]
     enc_pos = _positions(enc_seg)
-    encoded = model.encode(enc, enc_seg, enc_pos)
+    encoded = model.encode(enc, enc_seg, enc_pos, images)  # the vision tower runs here, once
     cache = model.new_decode_cache(encoded, prompt.shape[1] + max_new_tokens)
 
     def logits_at(hidden, index):  # [B, T, D], [B] -> float32 [B, V]

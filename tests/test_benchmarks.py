@@ -214,3 +214,31 @@ def test_generate_benchmark_reports_both_sides_and_equal_tokens():
     assert split["local_attention"] + split["global_attention"] == parts["encoder_attention"]
     assert split["global_attention"] == 4 * 4 * 16 * 64 * 64  # 4 heads of 16, all pairs
     assert [len(prefill["growth_per_doubling"][side]) for side in ("t5g2", "hf_sdpa")] == [1, 1]
+
+
+def test_vision_benchmark_reports_both_sides_and_their_agreement(capsys):
+    """benchmarks.vision at the tiny tower: both sides timed per image, the same image tokens
+    from the same weights, and the tower + projector's parameters counted from their shapes."""
+    from benchmarks import vision
+
+    result = vision.main(["--image_size", "56", "--d_model", "32", "--ffn_dim", "64",
+                          "--num_layers", "2", "--num_heads", "2", "--tokens_per_image", "4",
+                          "--text_width", "64", "--batch", "2", "--repeats", "1",
+                          "--dtypes", "float32,bfloat16", "--attn", "sdpa"])
+    assert json.loads(capsys.readouterr().out) == result  # one JSON object on stdout
+    assert result["vision"]["num_layers"] == 2 and result["batch"] == 2
+    for dtype in ("float32", "bfloat16"):
+        row = result[dtype]
+        for side in ("t5g2", "hf_sdpa"):
+            assert row[side]["ms_per_image"] > 0 and len(row[side]["times_s"]) == 1
+        assert row["hf_sdpa"]["attn_implementation"] == "sdpa"
+        assert row["hf_sdpa_ms_per_image_over_t5g2"] > 0
+        # patch embedding + positions, 2 layers (q, k, v, o and the MLP with biases, two
+        # LayerNorms), the final LayerNorm; the projector's norm and 32 x 64 projection
+        layer = 4 * (32 * 32 + 32) + (32 * 64 + 64) + (64 * 32 + 32) + 2 * 64
+        assert row["vision_parameters"] == \
+            14 * 14 * 3 * 32 + 32 + 16 * 32 + 2 * layer + 64 + 32 + 32 * 64
+    assert result["float32"]["max_abs_image_token"] > 0.5
+    assert result["float32"]["max_abs_diff_hf_sdpa"] <= 1e-4
+    assert result["bfloat16"]["max_abs_diff_hf_sdpa"] <= 0.05 * result["bfloat16"][
+        "max_abs_image_token"]
