@@ -1,9 +1,9 @@
 """Train a T5Gemma 2 from a config file, on one host or as one process of a multi-host job.
 
     python -m launch.train --config configs/tiny.py --workdir /tmp/t5g2_tiny
-    python -m launch.train --config configs/t5g2_270m.py --config.mesh.fsdp=8 --workdir /mnt/runs/a
+    python -m launch.train --config configs/t5g2_270m.py:text --config.mesh.fsdp=8 --workdir /mnt/a
     python -m launch.train --config configs/t5g2_270m.py --workdir gs://bucket/runs/b \
-        --config.init.from_gemma3=/mnt/gemma-3-270m
+        --config.init.from_gemma3=/mnt/gemma-3-270m --config.init.vision_from=/mnt/t5gemma-2-270m
 
 A workdir that holds checkpoints resumes from the latest, so after a preemption the same command
 continues the run. On SIGTERM the run saves a checkpoint at the next step boundary and exits with

@@ -4,6 +4,8 @@ the same weights and batch give the same first-step loss in t5g2 and the referen
 import json
 import os
 
+import pytest
+
 from configs import tiny
 from benchmarks import train_step
 from t5g2.model.flops import train_flops
@@ -38,6 +40,7 @@ def test_train_step_benchmark_runs_and_reports():
     assert comparison["first_step_losses_agree"], comparison
 
 
+@pytest.mark.slow  # the benchmark itself runs by default in test_train_step_benchmark_...
 def test_separate_cross_attention_skips_the_reference():
     config = tiny.get_config()
     config.model.encoder.num_layers = 1

@@ -120,7 +120,8 @@ def _check_step(trainable, before, state, metrics):
     assert scalar_bytes <= 16
 
 
-@pytest.mark.parametrize("trainable", ["none", "all"])
+@pytest.mark.parametrize("trainable", [
+    "none", pytest.param("all", marks=pytest.mark.slow)])  # "projector" runs by default below
 def test_a_step_updates_exactly_the_trainable_parameters(params, trainable):
     """On a batch of rows with and without images: "none" leaves the whole vision part
     bit-identical and keeps no optimizer state for it; "all" trains the tower too."""

@@ -64,6 +64,7 @@ def test_greedy_with_images_equals_hugging_face_generate(converted):
     np.testing.assert_allclose(first[2], blind_first[2], atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # the mesh fill is the text path's (tests/test_generate.py), rows with images
 def test_images_under_a_sharded_mesh_match_one_device(converted):
     """3 rows on 4 batch shards (data x fsdp; kv heads over tensor): the batch, its images
     included, is filled with copies of row 0 and cut after."""

@@ -18,6 +18,7 @@ from t5g2.data.packing import CONTRACT_KEYS
 from t5g2.data.pipeline import PipelineConfig, Ul2Source, sentinels_needed
 from t5g2.data.sources import SourceError
 from t5g2.data.vocab import default_vocabulary
+from tests.test_pipeline import assert_same
 
 LENGTHS = dict(encoder_length=64, decoder_length=64)
 VOCAB_SIZE = 512  # the vocabulary of tests/test_pipeline.py (shared cache entry)
@@ -98,14 +99,6 @@ def is_image_text(row, records, vocab):
     of the records' targets."""
     return (row["decoder_segment_ids"].max() == 1
             and target_text(row, vocab) in {r["target"] for r in records})
-
-
-def assert_same(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert set(x) == set(y)
-        for key in x:
-            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
 
 
 # ---------------------------------------------------------------------------- the rows

@@ -93,6 +93,7 @@ def test_same_loss_gradients_and_updates_on_every_mesh(shape):
         np.testing.assert_allclose(p, p_ref, atol=1e-5, err_msg=str(shape))
 
 
+@pytest.mark.slow  # test_same_loss_gradients_and_updates_on_every_mesh checks one step by default
 def test_adamw_training_agrees_across_meshes():
     adamw = make_optimizer(TRAIN)
     reference = _run(MESHES[0], 4, adamw, with_grads=False)[2]

@@ -53,8 +53,8 @@ from t5g2 import fs
 from t5g2.configlib import ConfigError, build, to_dict
 from t5g2.data import images as image_io
 from t5g2.data.packing import PACKED_KEYS, pad_example, to_batch_contract
-from t5g2.data.pipeline import (PipelineConfig, Ul2Source, _allow_grain_workers, _find_counts,
-                                make_rows)
+from t5g2.data.pipeline import (PipelineConfig, Ul2Source, _find_counts, make_rows,
+                                read_in_workers)
 from t5g2.data.sources import Documents, SourceError, open_documents
 from t5g2.data.vocab import Vocabulary
 
@@ -404,13 +404,7 @@ def image_text_rows(records: Sequence[Record], maker: ExampleMaker, *, seed: int
         raise SourceError("no image-text records to read")
     cfg = maker.cfg
     ds = grain.MapDataset.source(records).shuffle(seed=seed).repeat()
-    ds = ds[process_index::process_count].map(maker).to_iter_dataset(
-        grain.ReadOptions(num_threads=cfg.read_threads,
-                          prefetch_buffer_size=cfg.read_buffer_size))
-    if cfg.num_workers:
-        _allow_grain_workers()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=cfg.num_workers, per_worker_buffer_size=cfg.worker_buffer_size))
+    ds = read_in_workers(ds[process_index::process_count].map(maker), cfg)
     return SkipBad(ds, limit=2 * -(-len(records) // process_count))
 
 

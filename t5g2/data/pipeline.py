@@ -348,6 +348,19 @@ def _allow_grain_workers() -> None:
         flags.FLAGS.mark_as_parsed()  # every flag keeps its default
 
 
+def read_in_workers(ds: grain.MapDataset, cfg: Any) -> grain.IterDataset:
+    """`ds` read with `cfg.read_threads` threads and `cfg.read_buffer_size` elements ahead, its
+    map work done in `cfg.num_workers` worker processes (0: in this one) with
+    `cfg.worker_buffer_size` elements each: the stateless, costly part of a pipeline."""
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
+                                              prefetch_buffer_size=cfg.read_buffer_size))
+    if cfg.num_workers:
+        _allow_grain_workers()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=cfg.num_workers, per_worker_buffer_size=cfg.worker_buffer_size))
+    return ds
+
+
 def make_dataset(cfg: PipelineConfig, documents: Sequence[str], vocab: Vocabulary,
                  mixture: Mixture, *, process_index: int = 0,
                  process_count: int = 1) -> grain.IterDataset:
@@ -366,14 +379,9 @@ def make_rows(cfg: PipelineConfig, documents: Sequence[str], vocab: Vocabulary,
     grain's packed layout (see `packing.py`), one row at a time, before batching."""
     cfg.validate(process_count)
     spec = _denoise_spec(cfg, vocab, mixture, process_index)
-    ds = document_tokens(documents, vocab, seed=cfg.seed, process_index=process_index,
-                         process_count=process_count).to_iter_dataset(
-        grain.ReadOptions(num_threads=cfg.read_threads,
-                          prefetch_buffer_size=cfg.read_buffer_size))
-    if cfg.num_workers:
-        _allow_grain_workers()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=cfg.num_workers, per_worker_buffer_size=cfg.worker_buffer_size))
+    ds = read_in_workers(document_tokens(documents, vocab, seed=cfg.seed,
+                                         process_index=process_index,
+                                         process_count=process_count), cfg)
     ds = DenoisedChunks(ds, spec)
     local_batch = cfg.local_batch_size(process_count)
     lengths = {"inputs": cfg.encoder_length, "targets": cfg.decoder_length}
