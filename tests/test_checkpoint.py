@@ -305,6 +305,7 @@ def _snapshot(directory: Path) -> dict[str, bytes]:
             for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow  # by default: test_checkpoint_fields checks what a resume refuses
 def test_a_workdir_of_a_different_model_or_data_is_refused_and_left_untouched(tmp_path,
                                                                                cache_dir):
     with_checkpoint, without = tmp_path / "saved", tmp_path / "stopped_early"

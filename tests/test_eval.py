@@ -143,6 +143,7 @@ def test_losses_equal_an_independent_computation(tmp_path, cache_dir, loss_chunk
     assert 5.5 < got["eval/loss"] < 7.0  # about log(512): a random model, real targets
 
 
+@pytest.mark.slow  # by default: test_losses_equal_an_independent_computation checks the figures
 def test_training_logs_eval_and_launch_eval_reproduces_it(tmp_path, cache_dir):
     config = _config(tmp_path, cache_dir, steps=4)
     config.eval.every = 3  # at step 3 and at the end

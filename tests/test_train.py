@@ -52,6 +52,7 @@ def test_training_on_a_repeated_batch_drives_the_loss_to_zero():
     assert losses[-1] < 0.05, losses[-10:]
 
 
+@pytest.mark.slow  # by default: test_frozen_vision accumulates 2 micro-batches vs the full batch
 def test_gradient_accumulation_equals_the_full_batch():
     base = TrainConfig(batch_size=8, encoder_length=12, decoder_length=6, steps=3,
                        learning_rate=1e-3, warmup_steps=0)
