@@ -1,14 +1,18 @@
-"""The attention core against a naive dense softmax: banded (sliding-window) blocks and query
-chunks must give the same outputs and gradients on packed rows."""
+"""The XLA attention core against a naive dense softmax: banded (sliding-window) blocks, query
+groups and the causal groups that skip key blocks must give the same outputs and gradients on
+packed rows, with CPU and accelerator tiles; the backward keeps nothing score-sized."""
+
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 
 from t5g2.chunks import from_blocks, merge_sequence, split_sequence, to_blocks
-from t5g2.model import attention
-from t5g2.model.attention import (MaskSpec, decoder_window, dot_product_attention,
+from t5g2.model.kernels import xla as attention
+from t5g2.model.attention import (Kernel, MaskSpec, decoder_window, dot_product_attention,
                                   encoder_window)
 
 
@@ -45,8 +49,10 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("query_chunk", [0, 24])
-def test_blocked_attention_equals_dense_softmax(case, query_chunk, monkeypatch):
+@pytest.mark.parametrize("tile", [8, 16])  # 16 stands for the accelerators' 128 at 75 positions
+def test_blocked_attention_equals_dense_softmax(case, query_chunk, tile, monkeypatch):
     monkeypatch.setattr(attention, "MIN_BAND_BLOCK", 10)  # several bands in 75 positions
+    monkeypatch.setattr(attention, "_tile", lambda: tile)
     spec = CASES[case]
     rng = np.random.default_rng(0)
     b, t, s, n, kh, h = 2, 75, 31, 4, 2, 8
@@ -64,7 +70,7 @@ def test_blocked_attention_equals_dense_softmax(case, query_chunk, monkeypatch):
         return jnp.sum(jnp.where(seg[..., None, None] > 0, out, 0) * jnp.cos(out)), out
 
     def blocked(q, p):
-        return dot_product_attention(q, p, 0.3, query_chunk)
+        return dot_product_attention(q, p, 0.3, Kernel(query_chunk=query_chunk))
 
     def naive(q, p):
         return _naive(q, p, 0.3)
@@ -76,15 +82,17 @@ def test_blocked_attention_equals_dense_softmax(case, query_chunk, monkeypatch):
     for a, r in zip(g_ours, g_ref):
         np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=2e-5)
     banded = spec["window"] is not None
-    assert (attention._query_block(t, parts, query_chunk) < t) == (banded or query_chunk > 0)
+    block = attention._query_block(t, parts, query_chunk, tile)
+    assert (block < t) == (banded or query_chunk > 0)
+    assert block % tile == 0 or block == t
 
 
 def test_band_covers_exactly_the_window_reach():
     x = jnp.arange(1, 24)[None, :]  # 23 positions, values = index + 1, 0 = outside
-    bands = attention._band(x, block=5, blocks=5, left=3, right=4)
-    assert bands.shape == (1, 5, 12)
+    bands = attention._band(x, block=5, blocks=5, left=3, span=16)  # reach 5 + 3 + 4, padded
+    assert bands.shape == (1, 5, 16)
     for c in range(5):
-        want = [i + 1 if 0 <= i < 23 else 0 for i in range(5 * c - 3, 5 * c + 9)]
+        want = [i + 1 if 0 <= i < 23 else 0 for i in range(5 * c - 3, 5 * c + 13)]
         assert bands[0, c].tolist() == want
 
 
@@ -127,3 +135,45 @@ def test_bfloat16_gradients_stay_within_bfloat16_rounding(monkeypatch):
     for a, r in zip(ours, ref):
         a, r = np.asarray(a.astype(jnp.float32)), np.asarray(r)
         assert np.abs(a - r).max() <= 0.05 * np.abs(r).max(), np.abs(a - r).max() / np.abs(r).max()
+
+
+def _causal_case(rng, t=96, s=40):
+    b, n, kh, h = 1, 2, 1, 8
+    q, k, v, ck, cv = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in
+                       [(b, t, n, h), (b, t, kh, h), (b, t, kh, h), (b, s, kh, h), (b, s, kh, h)])
+    pos, seg = _packed(rng, b, t, 2)
+    enc_pos, enc_seg = _packed(rng, b, s, 2)
+    return q, k, v, [(ck, cv, MaskSpec(pos, seg, enc_pos, enc_seg))], pos, seg
+
+
+def test_causal_groups_score_only_the_keys_up_to_each_group():
+    """Query groups of 32 over 96 positions: the causal part's scores are 32 x 32, 32 x 64 and
+    32 x 96 (a group never scores keys after its own last query), the encoder part's 32 x 40."""
+    q, k, v, cross, pos, seg = _causal_case(np.random.default_rng(2))
+    parts = [(k, v, MaskSpec(pos, seg, pos, seg, causal=True))] + cross
+    jaxpr = jax.make_jaxpr(lambda q: attention.attend(q, parts, 0.5, query_chunk=32))(q)
+    widths = sorted({eqn.outvars[0].aval.shape[-1] for eqn in _equations(jaxpr.jaxpr)
+                     if eqn.primitive.name == "dot_general"
+                     and eqn.outvars[0].aval.ndim == 6})  # scores [b,k,n,c,g,s], outputs [..,h]
+    assert widths == [q.shape[-1], 32, 40, 64, 96]
+
+
+def _equations(jaxpr):
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            yield from _equations(sub)
+
+
+@pytest.mark.parametrize("query_chunk", [0, 32])
+def test_backward_keeps_no_score_sized_residual(query_chunk, capsys):
+    """What the forward saves for the backward is q, k, v, outputs, row statistics and the
+    position/segment ids: nothing with a [queries x keys] extent."""
+    q, k, v, cross, pos, seg = _causal_case(np.random.default_rng(3))
+    parts = [(k, v, MaskSpec(pos, seg, pos, seg, causal=True, window=decoder_window(9)))] + cross
+    print_saved_residuals(lambda q, k, v: attention.attend(q, [(k, v, parts[0][2])] + cross, 0.5,
+                                                           query_chunk=query_chunk), q, k, v)
+    saved = capsys.readouterr().out
+    shapes = re.findall(r"^\w+\[([\d,]*)\]", saved, flags=re.M)
+    sizes = [int(np.prod([int(d) for d in shape.split(",") if d])) for shape in shapes]
+    assert shapes and max(sizes) < 96 * 40, saved

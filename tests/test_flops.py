@@ -27,7 +27,8 @@ import pytest
 from flax import nnx
 from jax.extend import core as jcore
 
-from t5g2.model import ModelConfig, T5Gemma2, attention
+from t5g2.model import ModelConfig, T5Gemma2
+from t5g2.model.kernels import xla as attention
 from t5g2.model.attention import MaskSpec, decoder_window, encoder_window
 from t5g2.model.flops import (batch_forward_flops, batch_train_flops, decoder_self_pairs,
                               vision_forward_flops,

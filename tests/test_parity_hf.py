@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from t5g2.convert import checkpoint_files, gemma3, hf_t5gemma2
-from t5g2.model import attention
+from t5g2.model.kernels import xla as attention
 from t5g2.model.params import flat_params
 from t5g2.train.loss import cross_entropy
 from tests.reference import (hf_gemma3_model, hf_t5gemma2_model, padded_batch, t5g2_model,

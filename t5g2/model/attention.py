@@ -1,234 +1,27 @@
-"""Attention: masks described by positions and segment ids, the softmax core, and the projections.
+"""Attention layers: the Gemma 3 projections and the generation KV cache.
 
-A mask is described, not materialised, by `MaskSpec` (query/key positions and segment ids plus
-static causal/window flags), so a blockwise or fused kernel can replace `dot_product_attention`
-without touching the layers. Segment id 0 is padding; a query only sees keys of its own segment.
+The softmax core is not here: `t5g2.model.kernels.dot_product_attention` runs it with the
+implementation the config names (XLA einsums, splash on TPU, cuDNN or a Pallas flash kernel on
+GPU), over key/value parts each with its `MaskSpec`, so adding a kernel never changes a layer.
 
-Merged attention (T5Gemma 2) is `dot_product_attention` over two key/value parts: the decoder's
-own keys (causal, RoPE) and the encoder outputs projected by the same k/v weights (no RoPE, never
-windowed), joined under one softmax.
+Merged attention (T5Gemma 2) is one softmax over two key/value parts: the decoder's own keys
+(causal, RoPE) and the encoder outputs projected by the same k/v weights (no RoPE, never
+windowed).
 """
 
 from __future__ import annotations
-
-import functools
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from t5g2.chunks import from_blocks, merge_sequence, split_sequence, to_blocks
+from t5g2.model.kernels import XLA, Kernel, dot_product_attention
 from t5g2.model.layers import RMSNorm, default_init, param, project
+from t5g2.model.masks import KVPart, MaskSpec, decoder_window, encoder_window
 from t5g2.model.rope import apply_rope
 
-
-@struct.dataclass
-class MaskSpec:
-    """Which keys each query may see: same non-zero segment, plus optional causality and window.
-
-    The window is in positions relative to the query: keys with -left <= k_pos - q_pos <= right.
-    """
-
-    q_positions: jax.Array  # [batch, q_len]
-    q_segments: jax.Array  # [batch, q_len]
-    kv_positions: jax.Array  # [batch, kv_len]
-    kv_segments: jax.Array  # [batch, kv_len]
-    causal: bool = struct.field(pytree_node=False, default=False)
-    window: tuple[int, int] | None = struct.field(pytree_node=False, default=None)
-
-    def dense(self) -> jax.Array:
-        """The boolean mask [batch, q_len, kv_len]."""
-        return self.visible(self.q_positions[:, :, None], self.q_segments[:, :, None],
-                            self.kv_positions[:, None, :], self.kv_segments[:, None, :])
-
-    def visible(self, q_pos, q_seg, kv_pos, kv_seg) -> jax.Array:
-        """The mask for broadcastable query and key position/segment arrays."""
-        mask = (q_seg == kv_seg) & (kv_seg != 0)
-        offset = kv_pos - q_pos
-        if self.causal:
-            mask &= offset <= 0
-        if self.window is not None:
-            left, right = self.window
-            mask &= (offset >= -left) & (offset <= right)
-        return mask
-
-
-def encoder_window(window: int) -> tuple[int, int]:
-    """The reference's two-sided encoder window: W keys, (W+1)//2-1 to the left, W//2 right."""
-    return ((window + 1) // 2 - 1, window // 2)
-
-
-def decoder_window(window: int) -> tuple[int, int]:
-    """Causal sliding window: W keys including the query itself."""
-    return (window - 1, 0)
-
-
-KVPart = tuple[jax.Array, jax.Array, MaskSpec]
-
-MIN_BAND_BLOCK = 64  # queries per block of banded (sliding-window) attention, at least
-MASKED = -0.5 * float(jnp.finfo(jnp.float32).max)  # score bias of hidden keys: exp() gives 0
-
-
-def dot_product_attention(q: jax.Array, parts: Sequence[KVPart], scale: float,
-                          query_chunk: int = 0) -> jax.Array:
-    """Grouped-query attention of q [B,T,N,H] over the concatenation of key/value parts.
-
-    Each part is (k [B,S,K,H], v [B,S,K,H], MaskSpec); one float32 softmax spans all parts.
-    A query row with no visible key gets a uniform average (finite, never NaN); such rows exist
-    only at padding, whose outputs nothing reads.
-
-    Queries are processed in blocks. A sliding-window part whose keys are the queries' own
-    sequence is *banded*: each query block scores only the keys its window can reach (block +
-    left + right of them) instead of all S, which is what makes local layers cost O(T·W), not
-    O(T·S). This relies on positions increasing by at least 1 per index inside a segment (true
-    for unpadded, padded and packed rows), so a key outside the band is never visible; the
-    keys skipped are exactly keys the dense mask hides, and the numbers are the same.
-
-    query_chunk > 0 processes the query blocks in groups of about that many queries, each
-    rematerialised in the backward pass, so the scores held at once are [B, heads, chunk, keys]
-    instead of [B, heads, T, keys]: what makes 16K-token sequences fit.
-    """
-    t = q.shape[1]
-    block = _query_block(t, parts, query_chunk)
-    blocks = -(-t // block)
-    prepared = [_arrange_part(k, v, m, t, block, blocks) for k, v, m in parts]
-    q_blocks = to_blocks(q, block, blocks)
-    q_fields = [(to_blocks(m.q_positions, block, blocks),
-                 to_blocks(m.q_segments, block, blocks)) for _, _, m in parts]
-    chunk_blocks = max(1, query_chunk // block) if query_chunk else blocks
-    if chunk_blocks >= blocks:
-        out = _attend(q_blocks, q_fields, prepared, [m for _, _, m in parts], scale)
-    else:
-        out = _attend_in_chunks(q_blocks, q_fields, prepared, [m for _, _, m in parts], scale,
-                                chunk_blocks)
-    return from_blocks(out, t)
-
-
-def _query_block(t: int, parts: Sequence[KVPart], query_chunk: int) -> int:
-    """Queries per block: a band-friendly size when some part is windowed over its own
-    sequence, else the query chunk (or all queries)."""
-    reach = [sum(m.window) for k, _, m in parts if _bandable(k, m, t)]
-    if reach:
-        block = max(MIN_BAND_BLOCK, *reach)
-        if block + max(reach) < t:  # the band is shorter than the sequence
-            return block
-    return query_chunk if query_chunk and t > query_chunk else t
-
-
-def _bandable(k: jax.Array, mask: MaskSpec, t: int) -> bool:
-    return mask.window is not None and k.shape[1] == t
-
-
-def _band(x: jax.Array, block: int, blocks: int, left: int, right: int) -> jax.Array:
-    """[B, T, ...] -> [B, blocks, block + left + right, ...]: for query block c, the entries at
-    indices [c*block - left, (c+1)*block + right), zero outside the sequence."""
-    span = block + left + right
-    extra = -(-(left + right) // block)
-    x = to_blocks(x, block, blocks + extra, left)
-    return jnp.concatenate([x[:, j:j + blocks] for j in range(extra + 1)], axis=2)[:, :, :span]
-
-
-def _arrange_part(k, v, mask: MaskSpec, t: int, block: int, blocks: int):
-    """(k, v, kv_positions, kv_segments, banded) for blocked queries: banded parts carry a
-    block axis [B, blocks, span, ...], the others stay [B, S, ...]."""
-    if blocks > 1 and _bandable(k, mask, t):
-        left, right = mask.window
-        return tuple(_band(x, block, blocks, left, right)
-                     for x in (k, v, mask.kv_positions, mask.kv_segments)) + (True,)
-    return (k, v, mask.kv_positions, mask.kv_segments, False)
-
-
-def _attend(q, q_fields, parts, masks: Sequence[MaskSpec], scale: float) -> jax.Array:
-    """Blocked queries q [B, nb, C, N, H] against the arranged parts -> [B, nb, C, N, H]."""
-    b, nb, c, n, h = q.shape
-    kv_heads = parts[0][0].shape[-2]
-    q = q.reshape(b, nb, c, kv_heads, n // kv_heads, h).transpose(0, 3, 1, 2, 4, 5)  # bkncgh
-    biases = []
-    for (_, _, kv_pos, kv_seg, banded), mask, (q_pos, q_seg) in zip(parts, masks, q_fields):
-        kv_pos, kv_seg = ((kv_pos[:, :, None, :], kv_seg[:, :, None, :]) if banded else
-                          (kv_pos[:, None, None, :], kv_seg[:, None, None, :]))
-        visible = mask.visible(q_pos[..., None], q_seg[..., None], kv_pos, kv_seg)  # bncs
-        biases.append(jnp.where(visible, 0.0, MASKED).astype(jnp.float32))
-    out = _softmax_attention(tuple(p[4] for p in parts), scale, q, tuple(p[0] for p in parts),
-                             tuple(p[1] for p in parts), tuple(biases))
-    return out.transpose(0, 2, 3, 1, 4, 5).reshape(b, nb, c, n, h)
-
-
-def _specs(banded: bool) -> tuple[str, str]:
-    """(q·k -> scores, probs·v -> out) einsums; batch axes first, so no score-sized transposes."""
-    if banded:
-        return "bkncgh,bnskh->bkncgs", "bkncgs,bnskh->bkncgh"
-    return "bkncgh,bskh->bkncgs", "bkncgs,bskh->bkncgh"
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _softmax_attention(banded, scale, q, ks, vs, biases):
-    """softmax(q·k·scale + bias) · v over all parts under one softmax, q [b,k,n,c,g,h].
-
-    Computed part by part (no concatenated scores, no sliced probabilities): a shared max, exp
-    per part, one total, probabilities rounded to the compute dtype before P·V (as the
-    reference rounds them), the parts' P·V summed in float32. The backward is FlashAttention's
-    (dS = P ∘ (dP − rowsum(dO ∘ O))): no reduction over keys, which XLA:CPU runs slowly.
-    """
-    return _softmax_attention_fwd(banded, scale, q, ks, vs, biases)[0]
-
-
-def _softmax_attention_fwd(banded, scale, q, ks, vs, biases):
-    scores = []
-    for k, bias, band in zip(ks, biases, banded):
-        s = jnp.einsum(_specs(band)[0], q, k)
-        # Scale by the unrounded scalar, round to the compute dtype once (as the reference
-        # does), then hide keys with an additive bias.
-        s = (s.astype(jnp.float32) * scale).astype(q.dtype).astype(jnp.float32)
-        scores.append(s + bias[:, None, :, :, None, :])
-    top = functools.reduce(jnp.maximum, [s.max(axis=-1, keepdims=True) for s in scores])
-    weights = [jnp.exp(s - top) for s in scores]
-    total = sum(w.sum(axis=-1, keepdims=True) for w in weights)
-    probs = tuple((w / total).astype(v.dtype) for w, v in zip(weights, vs))
-    out = sum(jnp.einsum(_specs(band)[1], p, v, preferred_element_type=jnp.float32)
-              for p, v, band in zip(probs, vs, banded)).astype(vs[0].dtype)
-    return out, (q, ks, vs, biases, probs, out)
-
-
-def _softmax_attention_bwd(banded, scale, residuals, d_out):
-    q, ks, vs, biases, probs, out = residuals
-    f32 = jnp.float32
-    row = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1, keepdims=True)  # bkncg1
-    dq, dks, dvs = 0.0, [], []
-    for k, v, p, band in zip(ks, vs, probs, banded):
-        score_spec, out_spec = _specs(band)
-        kv_in = score_spec.split("->")[0].split(",")[1]
-        dvs.append(jnp.einsum(f"bkncgs,bkncgh->{kv_in}", p, d_out.astype(v.dtype)))
-        dp = jnp.einsum(f"bkncgh,{kv_in}->bkncgs", d_out.astype(v.dtype), v,
-                        preferred_element_type=f32)
-        ds = (p.astype(f32) * (dp - row) * scale).astype(q.dtype)
-        dq = dq + jnp.einsum(f"bkncgs,{kv_in}->bkncgh", ds, k, preferred_element_type=f32)
-        dks.append(jnp.einsum(f"bkncgs,bkncgh->{kv_in}", ds, q).astype(k.dtype))
-    return (dq.astype(q.dtype), tuple(dks), tuple(x.astype(v.dtype) for x, v in zip(dvs, vs)),
-            tuple(jnp.zeros_like(b) for b in biases))
-
-
-_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
-
-
-def _attend_in_chunks(q, q_fields, parts, masks, scale, chunk_blocks: int) -> jax.Array:
-    """`_attend` over groups of `chunk_blocks` query blocks with lax.map, each group
-    rematerialised in the backward pass (banded parts are split along with their queries)."""
-    def split(x):  # [B, nb, ...] -> [groups, B, chunk_blocks, ...]
-        return split_sequence(x, chunk_blocks)
-
-    mapped = [tuple(split(x) for x in p[:4]) if p[4] else () for p in parts]
-
-    @jax.checkpoint
-    def attend_group(args):
-        q_group, fields, banded_group = args
-        group_parts = [g + (True,) if p[4] else p for p, g in zip(parts, banded_group)]
-        return _attend(q_group, fields, group_parts, masks, scale)
-
-    fields = [(split(pos), split(seg)) for pos, seg in q_fields]
-    out = jax.lax.map(attend_group, (split(q), fields, mapped))
-    return merge_sequence(out, q.shape[1])
+__all__ = ["Attention", "KVCache", "KV_CACHE_AXES", "Kernel", "KVPart", "MaskSpec",
+           "decoder_window", "dot_product_attention", "encoder_window"]
 
 
 class Attention(nnx.Module):
@@ -239,11 +32,11 @@ class Attention(nnx.Module):
     """
 
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 scale: float, eps: float, *, kv_dim: int | None = None, query_chunk: int = 0,
+                 scale: float, eps: float, *, kv_dim: int | None = None, kernel: Kernel = XLA,
                  param_dtype, rngs: nnx.Rngs):
         kv_dim = d_model if kv_dim is None else kv_dim
         self.scale = scale
-        self.query_chunk = query_chunk
+        self.kernel = kernel
         self.q = param(rngs, default_init, (d_model, num_heads, head_dim),
                        ("embed", "heads", "head_dim"), param_dtype)
         self.k = param(rngs, default_init, (kv_dim, num_kv_heads, head_dim),
@@ -285,7 +78,7 @@ class Attention(nnx.Module):
             parts.append((k, v, self_mask))
         if cross is not None:
             parts.append(cross)
-        return self.output(dot_product_attention(q, parts, self.scale, self.query_chunk)), cache
+        return self.output(dot_product_attention(q, parts, self.scale, self.kernel)), cache
 
     def self_attention(self, x, rope, mask: MaskSpec) -> jax.Array:
         """Encoder (bidirectional) or decoder (causal) self-attention."""

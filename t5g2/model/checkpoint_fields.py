@@ -16,7 +16,7 @@ import dataclasses
 from typing import Any, Iterable
 
 # How this run computes, not what: no checkpoint decides them.
-COMPUTE_FIELDS = ("dtype", "remat", "attention_query_chunk")
+COMPUTE_FIELDS = ("dtype", "remat", "attention_query_chunk", "attention_impl")
 # How the parameters are stored. A Hugging Face checkpoint is converted into any dtype and layer
 # layout; a t5g2 checkpoint's arrays have the dtype and (scanned or not) layout they were saved in.
 STORAGE_FIELDS = ("param_dtype", "scan_layers")

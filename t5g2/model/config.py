@@ -12,6 +12,8 @@ import math
 from typing import Any, Mapping
 
 from t5g2.configlib import ConfigError, build, positive, to_dict
+from t5g2.model.kernels import IMPLS as ATTENTION_IMPLS
+from t5g2.model.kernels import Kernel
 
 CROSS_ATTENTION_MODES = ("merged", "separate", "global_only")
 REMAT_POLICIES = ("none", "full", "save_dots")
@@ -139,6 +141,13 @@ class ModelConfig:
     # Attention over query chunks of this many tokens (0: all at once); same numbers, memory
     # [chunk x keys] instead of [queries x keys] per head: needed at 16K tokens.
     attention_query_chunk: int = 0
+    # The attention kernel: auto (this backend's fused kernels where they fit, else xla), xla,
+    # splash (TPU), cudnn or gpu_flash (GPU). Same numbers up to float rounding.
+    attention_impl: str = "xla"
+
+    @property
+    def attention_kernel(self) -> Kernel:
+        return Kernel(self.attention_impl, self.attention_query_chunk)
 
     @property
     def decoder_has_cross(self) -> tuple[bool, ...]:
@@ -226,6 +235,9 @@ class ModelConfig:
         if self.attention_query_chunk < 0:
             raise ConfigError(f"{prefix}.attention_query_chunk={self.attention_query_chunk} must "
                               "be >= 0 (0: no chunking)")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError(f"{prefix}.attention_impl={self.attention_impl!r} is unknown; "
+                              f"valid: {', '.join(ATTENTION_IMPLS)}")
         if self.final_logit_softcap is not None and not self.final_logit_softcap > 0:
             raise ConfigError(
                 f"{prefix}.final_logit_softcap={self.final_logit_softcap} must be > 0 or None"

@@ -41,7 +41,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from t5g2.model.attention import decoder_window, encoder_window
+from t5g2.model.masks import decoder_window, encoder_window
 from t5g2.model.config import ModelConfig, StackConfig, VisionConfig
 
 

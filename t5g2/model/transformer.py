@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from t5g2.model.attention import (KV_CACHE_AXES, Attention, KVCache, MaskSpec, decoder_window,
-                                  encoder_window)
+from t5g2.model.attention import (KV_CACHE_AXES, Attention, Kernel, KVCache, MaskSpec,
+                                  decoder_window, encoder_window)
 from t5g2.model.config import ModelConfig, StackConfig
 from t5g2.model.layer_stack import RESIDUAL, LayerStack
 from t5g2.model.layers import MLP, Embedder, RMSNorm, default_init, param, project
@@ -41,7 +41,8 @@ class StackInputs:
     def build(cls, cfg: StackConfig, positions, segment_ids, *, causal: bool,
               window: tuple[int, int], **cross) -> "StackInputs":
         def mask(w):
-            return MaskSpec(positions, segment_ids, positions, segment_ids, causal=causal, window=w)
+            return MaskSpec(positions, segment_ids, positions, segment_ids, causal=causal, window=w,
+                            contiguous=True)
 
         return cls(
             rope_local=rope_tables(positions, cfg.head_dim, cfg.local_rope_theta,
@@ -59,14 +60,14 @@ class StackInputs:
 class Block(nnx.Module):
     """Gemma 3 sandwich block: x + post_norm(attn(pre_norm(x))), then the same around the MLP."""
 
-    def __init__(self, cfg: StackConfig, is_global: bool, *, query_chunk: int, param_dtype,
+    def __init__(self, cfg: StackConfig, is_global: bool, *, kernel: Kernel, param_dtype,
                  rngs: nnx.Rngs):
         self.is_global = is_global
         norm = functools.partial(RMSNorm, cfg.d_model, cfg.rms_norm_eps, "embed",
                                  param_dtype=param_dtype, rngs=rngs)
         self.pre_attn_norm, self.post_attn_norm = norm(), norm()
         self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                              cfg.attention_scale, cfg.rms_norm_eps, query_chunk=query_chunk,
+                              cfg.attention_scale, cfg.rms_norm_eps, kernel=kernel,
                               param_dtype=param_dtype, rngs=rngs)
         self.pre_mlp_norm, self.post_mlp_norm = norm(), norm()
         self.mlp = MLP(cfg.d_model, cfg.ffn_dim, param_dtype=param_dtype, rngs=rngs)
@@ -88,8 +89,8 @@ class DecoderLayer(Block):
     """Merged self+cross attention (or causal self-attention and a separate cross block)."""
 
     def __init__(self, cfg: StackConfig, is_global: bool, *, merged: bool, has_cross: bool,
-                 encoder_dim: int, query_chunk: int, param_dtype, rngs: nnx.Rngs):
-        super().__init__(cfg, is_global, query_chunk=query_chunk, param_dtype=param_dtype,
+                 encoder_dim: int, kernel: Kernel, param_dtype, rngs: nnx.Rngs):
+        super().__init__(cfg, is_global, kernel=kernel, param_dtype=param_dtype,
                          rngs=rngs)
         self.merged = merged
         self.has_cross = has_cross
@@ -99,7 +100,7 @@ class DecoderLayer(Block):
             self.pre_cross_norm, self.post_cross_norm = norm(), norm()
             self.cross_attn = Attention(cfg.d_model, cfg.num_heads, cfg.num_kv_heads,
                                         cfg.head_dim, cfg.attention_scale, cfg.rms_norm_eps,
-                                        kv_dim=encoder_dim, query_chunk=query_chunk,
+                                        kv_dim=encoder_dim, kernel=kernel,
                                         param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, y: jax.Array, ctx: StackInputs) -> jax.Array:
@@ -188,12 +189,12 @@ def insert_image_features(x: jax.Array, tokens: jax.Array, features: jax.Array,
 class Encoder(nnx.Module):
     """Bidirectional Gemma 3 stack over (text and, later, image) embeddings."""
 
-    def __init__(self, cfg: StackConfig, *, remat: str, scan: bool, query_chunk: int,
+    def __init__(self, cfg: StackConfig, *, remat: str, scan: bool, kernel: Kernel,
                  param_dtype, rngs: nnx.Rngs):
         self.cfg = cfg
 
         def make_layer(i, r):
-            return EncoderLayer(cfg, cfg.is_global(i), query_chunk=query_chunk,
+            return EncoderLayer(cfg, cfg.is_global(i), kernel=kernel,
                                 param_dtype=param_dtype, rngs=r)
 
         self.layers = LayerStack(cfg.num_layers, cfg.sliding_window_pattern, make_layer,
@@ -217,7 +218,7 @@ class Decoder(nnx.Module):
         def make_layer(i, r):
             return DecoderLayer(dec, dec.is_global(i), merged=cfg.cross_attention == "merged",
                                 has_cross=has_cross[i], encoder_dim=cfg.encoder.d_model,
-                                query_chunk=cfg.attention_query_chunk, param_dtype=param_dtype,
+                                kernel=cfg.attention_kernel, param_dtype=param_dtype,
                                 rngs=r)
 
         self.layers = LayerStack(dec.num_layers, dec.sliding_window_pattern, make_layer,
@@ -272,11 +273,11 @@ class T5Gemma2(nnx.Module):
             self.lm_head = param(rngs, default_init, (cfg.vocab_size, cfg.decoder.d_model),
                                  ("vocab", "embed"), pdt)
         self.encoder = Encoder(cfg.encoder, remat=cfg.remat, scan=cfg.scan_layers,
-                               query_chunk=cfg.attention_query_chunk, param_dtype=pdt, rngs=rngs)
+                               kernel=cfg.attention_kernel, param_dtype=pdt, rngs=rngs)
         self.decoder = Decoder(cfg, param_dtype=pdt, rngs=rngs)
         self.vision = nnx.data(None if cfg.vision is None else VisionEncoder(
             cfg.vision, cfg.encoder.d_model, remat=cfg.remat, scan=cfg.scan_layers,
-            query_chunk=cfg.attention_query_chunk, param_dtype=pdt, rngs=rngs))
+            kernel=cfg.attention_kernel, param_dtype=pdt, rngs=rngs))
 
     @property
     def dtype(self):

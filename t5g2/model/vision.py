@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from t5g2.model.attention import MaskSpec, dot_product_attention
+from t5g2.model.attention import Kernel, MaskSpec, dot_product_attention
 from t5g2.model.config import VisionConfig
 from t5g2.model.layers import RMSNorm, default_init, gelu_tanh, param, project, zeros_init
 from t5g2.model.layer_stack import LayerStack
@@ -58,10 +58,10 @@ def _bias(rngs, shape, axes, param_dtype) -> nnx.Param:
 class VisionAttention(nnx.Module):
     """Multi-head attention with biases, scale head_dim^-0.5, every patch seeing every patch."""
 
-    def __init__(self, cfg: VisionConfig, *, query_chunk: int, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, *, kernel: Kernel, param_dtype, rngs: nnx.Rngs):
         d, h, hd = cfg.d_model, cfg.num_heads, cfg.head_dim
         self.scale = hd ** -0.5
-        self.query_chunk = query_chunk
+        self.kernel = kernel
         for name in ("q", "k", "v"):
             setattr(self, name, param(rngs, default_init, (d, h, hd),
                                       ("embed", "heads", "head_dim"), param_dtype))
@@ -77,7 +77,7 @@ class VisionAttention(nnx.Module):
         ones = jnp.ones(x.shape[:2], jnp.int32)
         positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
         everything = MaskSpec(positions, ones, positions, ones)
-        out = dot_product_attention(q, [(k, v, everything)], self.scale, self.query_chunk)
+        out = dot_product_attention(q, [(k, v, everything)], self.scale, self.kernel)
         return project(out, self.o[...], contract=2) + self.o_bias[...].astype(x.dtype)
 
 
@@ -100,11 +100,11 @@ class VisionMLP(nnx.Module):
 class VisionLayer(nnx.Module):
     """Pre-LayerNorm transformer layer: x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
-    def __init__(self, cfg: VisionConfig, *, query_chunk: int, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, *, kernel: Kernel, param_dtype, rngs: nnx.Rngs):
         norm = functools.partial(LayerNorm, cfg.d_model, cfg.layer_norm_eps,
                                  param_dtype=param_dtype, rngs=rngs)
         self.attn_norm, self.mlp_norm = norm(), norm()
-        self.attn = VisionAttention(cfg, query_chunk=query_chunk, param_dtype=param_dtype,
+        self.attn = VisionAttention(cfg, kernel=kernel, param_dtype=param_dtype,
                                     rngs=rngs)
         self.mlp = VisionMLP(cfg, param_dtype=param_dtype, rngs=rngs)
 
@@ -124,7 +124,7 @@ def patches(images: jax.Array, patch_size: int) -> jax.Array:
 class SiglipTower(nnx.Module):
     """Images [N, H, W, C] (normalised to [-1, 1]) -> patch features [N, patches, d_model]."""
 
-    def __init__(self, cfg: VisionConfig, *, remat: str, scan: bool, query_chunk: int,
+    def __init__(self, cfg: VisionConfig, *, remat: str, scan: bool, kernel: Kernel,
                  param_dtype, rngs: nnx.Rngs):
         self.cfg = cfg
         p, c, d = cfg.patch_size, cfg.num_channels, cfg.d_model
@@ -135,7 +135,7 @@ class SiglipTower(nnx.Module):
                               ("image_patches", "embed"), param_dtype)
 
         def make_layer(_, r):
-            return VisionLayer(cfg, query_chunk=query_chunk, param_dtype=param_dtype, rngs=r)
+            return VisionLayer(cfg, kernel=kernel, param_dtype=param_dtype, rngs=r)
 
         self.layers = LayerStack(cfg.num_layers, 1, make_layer, remat=remat, scan=scan,
                                  rngs=rngs)
@@ -171,9 +171,9 @@ class VisionEncoder(nnx.Module):
     """Images [B, M, H, W, C] -> image tokens [B, M, tokens_per_image, text width]."""
 
     def __init__(self, cfg: VisionConfig, text_dim: int, *, remat: str, scan: bool,
-                 query_chunk: int, param_dtype, rngs: nnx.Rngs):
+                 kernel: Kernel, param_dtype, rngs: nnx.Rngs):
         self.trainable = cfg.trainable
-        self.tower = SiglipTower(cfg, remat=remat, scan=scan, query_chunk=query_chunk,
+        self.tower = SiglipTower(cfg, remat=remat, scan=scan, kernel=kernel,
                                  param_dtype=param_dtype, rngs=rngs)
         self.projector = Projector(cfg, text_dim, param_dtype=param_dtype, rngs=rngs)
 
