@@ -59,7 +59,8 @@ def test_blocked_attention_equals_dense_softmax(case, query_chunk, tile, monkeyp
     q, k, v, ck, cv = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in
                        [(b, t, n, h), (b, t, kh, h), (b, t, kh, h), (b, s, kh, h), (b, s, kh, h)])
     pos, seg = _packed(rng, b, t, 3)
-    parts = [(k, v, MaskSpec(pos, seg, pos, seg, causal=spec["causal"], window=spec["window"]))]
+    parts = [(k, v, MaskSpec(pos, seg, pos, seg, causal=spec["causal"], window=spec["window"],
+                                  contiguous=True))]
     if spec["cross"]:
         enc_pos, enc_seg = _packed(rng, b, s, 3)
         parts.append((ck, cv, MaskSpec(pos, seg, enc_pos, enc_seg)))
@@ -119,7 +120,8 @@ def test_bfloat16_gradients_stay_within_bfloat16_rounding(monkeypatch):
                        [(b, t, n, h), (b, t, kh, h), (b, t, kh, h), (b, s, kh, h), (b, s, kh, h)])
     pos, seg = _packed(rng, b, t, 2)
     enc_pos, enc_seg = _packed(rng, b, s, 2)
-    self_mask = MaskSpec(pos, seg, pos, seg, causal=True, window=decoder_window(9))
+    self_mask = MaskSpec(pos, seg, pos, seg, causal=True, window=decoder_window(9),
+                         contiguous=True)
     cross_mask = MaskSpec(pos, seg, enc_pos, enc_seg)
     weights = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32) * (seg > 0)[..., None, None]
 
@@ -150,7 +152,7 @@ def test_causal_groups_score_only_the_keys_up_to_each_group():
     """Query groups of 32 over 96 positions: the causal part's scores are 32 x 32, 32 x 64 and
     32 x 96 (a group never scores keys after its own last query), the encoder part's 32 x 40."""
     q, k, v, cross, pos, seg = _causal_case(np.random.default_rng(2))
-    parts = [(k, v, MaskSpec(pos, seg, pos, seg, causal=True))] + cross
+    parts = [(k, v, MaskSpec(pos, seg, pos, seg, causal=True, contiguous=True))] + cross
     jaxpr = jax.make_jaxpr(lambda q: attention.attend(q, parts, 0.5, query_chunk=32))(q)
     widths = sorted({eqn.outvars[0].aval.shape[-1] for eqn in _equations(jaxpr.jaxpr)
                      if eqn.primitive.name == "dot_general"
@@ -170,10 +172,26 @@ def test_backward_keeps_no_score_sized_residual(query_chunk, capsys):
     """What the forward saves for the backward is q, k, v, outputs, row statistics and the
     position/segment ids: nothing with a [queries x keys] extent."""
     q, k, v, cross, pos, seg = _causal_case(np.random.default_rng(3))
-    parts = [(k, v, MaskSpec(pos, seg, pos, seg, causal=True, window=decoder_window(9)))] + cross
+    parts = [(k, v, MaskSpec(pos, seg, pos, seg, causal=True, window=decoder_window(9),
+                             contiguous=True))] + cross
     print_saved_residuals(lambda q, k, v: attention.attend(q, [(k, v, parts[0][2])] + cross, 0.5,
                                                            query_chunk=query_chunk), q, k, v)
     saved = capsys.readouterr().out
     shapes = re.findall(r"^\w+\[([\d,]*)\]", saved, flags=re.M)
     sizes = [int(np.prod([int(d) for d in shape.split(",") if d])) for shape in shapes]
     assert shapes and max(sizes) < 96 * 40, saved
+
+
+def test_a_cache_part_as_long_as_the_queries_is_read_by_position():
+    """A ring-buffer cache (slot = position mod length, so slots are not in index order) of the
+    queries' length, windowed: not banded, not cut into causal groups, equal to the naive mask."""
+    rng = np.random.default_rng(4)
+    t, n, kh, h = 48, 2, 1, 8
+    q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32)
+               for s in [(1, t, n, h), (1, t, kh, h), (1, t, kh, h)])
+    q_pos = jnp.arange(100, 100 + t)[None]  # queries after 100 cached positions
+    kv_pos = jnp.asarray([[p + t * ((99 - p) // t) for p in range(t)]])  # last t of 0..99 by slot
+    ones = jnp.ones((1, t), jnp.int32)
+    parts = [(k, v, MaskSpec(q_pos, ones, kv_pos, ones, causal=True, window=decoder_window(60)))]
+    ours = attention.attend(q, parts, 0.5, query_chunk=16)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(_naive(q, parts, 0.5)), atol=2e-6)

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import jax
 from flax import nnx
 
+from t5g2.model.kernels.xla import SAVED_NAMES
 from t5g2.sharding import constrain
 
 RESIDUAL = ("batch", "length", "act_embed")  # logical axes of the residual stream
@@ -26,7 +27,11 @@ class Period(nnx.Module):
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole period in the backward pass
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Projections' matmuls and the attention's output and log-sum-exp (not its batched einsums:
+    # score-sized), so the backward never recomputes an attention forward.
+    "save_dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(*SAVED_NAMES)),
 }
 
 

@@ -15,9 +15,10 @@ class MaskSpec:
     """Which keys each query may see: same non-zero segment, plus optional causality and window.
 
     The window is in positions relative to the query: keys with -left <= k_pos - q_pos <= right.
-    `contiguous`: inside each segment, positions advance by exactly one per index (the packing
-    contract of training batches, and of a sequence attending to itself). Index-based kernels may
-    then build causal and window masks from indices; without it they must not.
+    `contiguous`: the keys are the queries' own sequence, and inside each segment positions
+    advance by exactly one per index (the packing contract of training batches). Kernels may then
+    build causal and window masks from indices, band the keys or skip key blocks; without it
+    (e.g. a generation cache, whose slots are not in index order) they must read positions.
     """
 
     q_positions: jax.Array  # [batch, q_len]

@@ -22,6 +22,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.ad_checkpoint import checkpoint_name
 
 from t5g2.chunks import from_blocks, merge_sequence, split_sequence, to_blocks
 from t5g2.model.masks import KVPart, MaskSpec, visible
@@ -30,6 +31,7 @@ MIN_BAND_BLOCK = 64  # queries per block of banded (sliding-window) attention, a
 ACCELERATOR_TILE = 128  # MXU / tensor-core tile: block and band sizes are multiples of it
 CPU_TILE = 8  # a SIMD width: CPUs gain nothing from larger tiles, only wasted keys
 MASKED = -0.5 * float(jnp.finfo(jnp.float32).max)  # score bias of hidden keys: exp() gives 0
+SAVED_NAMES = ("attention_out", "attention_lse")  # what the backward needs besides q, k, v
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,13 +104,15 @@ def _query_block(t: int, parts: Sequence[KVPart], query_chunk: int, tile: int) -
 
 
 def _bandable(k: jax.Array, mask: MaskSpec, t: int) -> bool:
-    return mask.window is not None and k.shape[1] == t
+    """A windowed part over the queries' own sequence (a cache part of the same length is not:
+    its slots are not in index order)."""
+    return mask.window is not None and mask.contiguous and k.shape[1] == t
 
 
 def _prefix_causal(k: jax.Array, mask: MaskSpec, t: int) -> bool:
     """A causal part over the queries' own sequence, not banded: a query group needs only the
     keys up to its own last index."""
-    return mask.causal and mask.window is None and k.shape[1] == t
+    return mask.causal and mask.window is None and mask.contiguous and k.shape[1] == t
 
 
 def _band(x: jax.Array, block: int, blocks: int, left: int, span: int) -> jax.Array:
@@ -176,7 +180,7 @@ def _scores(rules, scale, q, q_pos, q_seg, parts):
         s = jnp.einsum(_specs(rule.banded)[0], q, k)
         s = (s.astype(jnp.float32) * scale).astype(q.dtype).astype(jnp.float32)
         seen = rule.visible(q_pos, q_seg, kv_pos, kv_seg)[:, None, :, :, None, :]
-        scores.append(jnp.where(seen, s, MASKED))
+        scores.append(s + jnp.where(seen, 0.0, MASKED))  # a bias broadcast into the add
     return scores
 
 
@@ -184,10 +188,10 @@ def _scores(rules, scale, q, q_pos, q_seg, parts):
 def _softmax_attention(rules, scale, q, q_pos, q_seg, parts):
     """softmax(q·k·scale, masked) · v over all parts under one softmax, q [b,k,n,c,g,h].
 
-    Computed part by part (no concatenated scores): a shared max, exp per part, one total,
-    probabilities rounded to the compute dtype before P·V (as the reference rounds them), the
-    parts' P·V summed in float32. The backward is FlashAttention's (dS = P ∘ (dP − rowsum(dO ∘
-    O))) with P recomputed from the saved log-sum-exp.
+    Computed part by part (no concatenated scores): a shared max, exp per part, one total, the
+    parts' P·V summed in float32. The
+    backward is FlashAttention's (dS = P ∘ (dP − rowsum(dO ∘ O))) with P recomputed from the
+    saved log-sum-exp.
     """
     return _softmax_attention_fwd(rules, scale, q, q_pos, q_seg, parts)[0]
 
@@ -197,10 +201,18 @@ def _softmax_attention_fwd(rules, scale, q, q_pos, q_seg, parts):
     top = functools.reduce(jnp.maximum, [s.max(axis=-1, keepdims=True) for s in scores])
     weights = [jnp.exp(s - top) for s in scores]
     total = sum(w.sum(axis=-1, keepdims=True) for w in weights)
-    out = sum(jnp.einsum(_specs(rule.banded)[1], (w / total).astype(p[1].dtype), p[1],
+    dtype = parts[0][1].dtype
+    # Probabilities rounded to a narrower compute dtype are rounded normalised, as the reference
+    # rounds them; in float32 nothing rounds, so normalise after P·V ([rows, head_dim] divisions
+    # instead of score-sized ones).
+    late = dtype == jnp.float32
+    out = sum(jnp.einsum(_specs(rule.banded)[1], (w if late else w / total).astype(dtype), p[1],
                          preferred_element_type=jnp.float32)
-              for w, p, rule in zip(weights, parts, rules)).astype(parts[0][1].dtype)
+              for w, p, rule in zip(weights, parts, rules))
+    out = (out / total if late else out).astype(dtype)
     lse = top + jnp.log(total)
+    # Named, so a remat policy can keep them (`SAVED_NAMES`) instead of recomputing the forward.
+    out, lse = checkpoint_name(out, SAVED_NAMES[0]), checkpoint_name(lse, SAVED_NAMES[1])
     return out, (q, q_pos, q_seg, parts, out, lse)
 
 
