@@ -245,3 +245,56 @@ def test_vision_benchmark_reports_both_sides_and_their_agreement(capsys):
     assert result["float32"]["max_abs_diff_hf_sdpa"] <= 1e-4
     assert result["bfloat16"]["max_abs_diff_hf_sdpa"] <= 0.05 * result["bfloat16"][
         "max_abs_image_token"]
+
+
+def test_accelerator_benchmarks_report_and_tabulate(capsys):
+    """benchmarks.attention (xla, and cudnn's unsupported cases, at a trivial length),
+    benchmarks.train_step_accel (tiny model) and the table gpu.sh prints from their JSON."""
+    from benchmarks import attention, gpu_table, train_step_accel
+
+    assert attention.default_impls("cpu", interpret=False) == ("xla",)
+    assert set(attention.default_impls("cpu", interpret=True)) == {"xla", "splash", "cudnn",
+                                                                    "gpu_flash"}
+    result = attention.main(["--impls=xla,cudnn", "--cases=encoder_local,merged_global",
+                             "--lengths=40", "--warmup=0", "--repeats=2",
+                             "--query_chunk=16"])
+    assert json.loads(capsys.readouterr().out) == result  # one JSON object on stdout
+    assert result["shapes"] == dict(num_heads=4, num_kv_heads=1, head_dim=256,
+                                    sliding_window=512, scale=256**-0.5)  # the 270M's
+    assert result["dtype"] == "float32" and result["interpreted"] == ["cudnn"]
+    rows = result["implementations"]
+    assert [(r["case"], r["length"]) for r in rows["xla"]] == [("encoder_local", 40),
+                                                                ("merged_global", 40)]
+    for row in rows["xla"]:
+        assert row["status"] == "ok", row
+        for timing in (row["forward"], row["forward_backward"]):
+            assert 0 < timing["min_s"] <= timing["median_s"]
+        planned = row["memory"]["forward_backward_compiled"]
+        assert planned["temp_plus_output_bytes"] == planned["temp_bytes"] + planned["output_bytes"]
+        parts = 2 if row["case"].startswith("merged") else 1
+        gradients = 4 * row["length"] * 256 * (4 + 2 * parts)  # float32 dq; dk, dv per part
+        assert gradients <= planned["output_bytes"] < gradients + 1024
+        assert row["memory"]["device_peak_bytes_in_use"] is None  # CPU: no memory_stats
+    # cuDNN takes neither a two-sided window nor merged attention: reported, not timed
+    assert {r["status"] for r in rows["cudnn"]} == {"unsupported"}
+    assert all(r["reason"] and "forward" not in r for r in rows["cudnn"])
+
+    config = tiny.get_config()
+    config.model.encoder.num_layers = 1
+    config.model.decoder.num_layers = 1
+    step = train_step_accel.run(config, batch=1, encoder_length=16, decoder_length=8, steps=1,
+                                warmup=0, peak_tflops=0.5)
+    json.dumps(step)
+    cfg = train_step.model_config(config, keep_dtype=True)
+    assert step["attention_impl"] == "xla" and step["model"]["dtype"] == "float32"
+    assert step["model_flops_per_step"] == train_flops(cfg, 16, 8)
+    assert step["tokens_per_s"] == pytest.approx(24 / step["step_s_median"], rel=1e-3)
+    assert step["peak_flops_per_s"] == 0.5e12 and step["peak_origin"] == "config"
+    assert step["mfu"] == round(step["model_flops_per_s"] / 0.5e12, 4)
+    assert step["device_peak_memory_gib"] is None and step["xla_buffers_mib"]["total"] > 0
+
+    table = gpu_table.tables([result, step])
+    lines = table.splitlines()
+    assert "| merged_global | 40 | cudnn |  |  |  |  | unsupported: cudnn takes one" in table
+    assert sum(line.startswith("| encoder_local | 40 | xla | ") for line in lines) == 1
+    assert any(line.startswith("| xla | 16/8 | ") for line in lines)
