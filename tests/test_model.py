@@ -2,6 +2,7 @@
 clearly."""
 
 import dataclasses
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from t5g2.model import ConfigError, ModelConfig, T5Gemma2
+from t5g2.model import ConfigError, ModelConfig, T5Gemma2, kernels
 from t5g2.model.params import (abstract_model, flat_params, load_params, logical_axes,
                                param_shapes)
 from t5g2.model.transformer import insert_image_features
@@ -216,3 +217,29 @@ def test_chunked_attention_gives_the_same_numbers(cross_attention):
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
     for a, b in zip(results[0][1], results[1][1]):
         assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max() + 1e-7
+
+
+@pytest.mark.parametrize("impl", ["splash", "gpu_flash",
+                                  pytest.param("cudnn", marks=pytest.mark.slow)])
+def test_every_attention_kernel_gives_the_same_model(impl, monkeypatch, caplog):
+    """The whole model (merged attention, local and global layers, padding) with a fused kernel
+    run interpreted: the loss and every gradient equal the XLA core's. Splash and gpu_flash take
+    every attention of the model; cuDNN takes what it can and says once why it leaves the rest."""
+    monkeypatch.setattr(kernels, "_LOGGED", set())
+    cfg = tiny_config(head_dim=128, **SMALL_STACK)  # splash's head_dim: a multiple of 128
+    batch = _batch(cfg, enc_len=21, dec_len=14)
+    results = []
+    for variant in ("xla", impl):
+        model = T5Gemma2(dataclasses.replace(cfg, attention_impl=variant), rngs=nnx.Rngs(0))
+        with caplog.at_level(logging.WARNING, logger=kernels.__name__):
+            loss, grads = nnx.jit(nnx.value_and_grad(_loss))(model, *batch)
+        results.append((float(loss), jax.tree.leaves(nnx.to_pure_dict(grads))))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    for a, b in zip(results[0][1], results[1][1]):
+        assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max() + 1e-7
+    fallbacks = [r.getMessage() for r in caplog.records if "using xla" in r.getMessage()]
+    if impl == "cudnn":  # two-sided windows and merged attention are not cuDNN's
+        assert len(fallbacks) == 2 and all("cudnn cannot run" in m for m in fallbacks), fallbacks
+    else:
+        assert not fallbacks
+    assert any(f"{impl} runs in Pallas interpret mode" in r.getMessage() for r in caplog.records)
