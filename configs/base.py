@@ -179,7 +179,8 @@ def adaptation_16k(model_cfg, *, name, batch_size=8):
     """16K-token adaptation, FSDP over every device, sized for 8 devices (8xH100, v5p-16); a
     v5p-8 is 4 devices: 270M and 1B fit, 4B does not (launch.aot --topology v5p-8)."""
     model_cfg.remat = "full"
-    model_cfg.attention_query_chunk = 1024
+    model_cfg.attention_query_chunk = 1024  # the xla path's query groups
+    model_cfg.attention_impl = "auto"  # TPU: splash; GPU: cudnn, gpu_flash; elsewhere xla
     train_cfg = train(batch_size=batch_size, encoder_length=16_384, decoder_length=16_384,
                       steps=100_000)
     train_cfg.loss_chunk = 1024

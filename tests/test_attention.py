@@ -11,9 +11,12 @@ import pytest
 from jax.ad_checkpoint import print_saved_residuals
 
 from t5g2.chunks import from_blocks, merge_sequence, split_sequence, to_blocks
+from t5g2.configlib import ConfigError
+from t5g2.model import kernels
 from t5g2.model.kernels import xla as attention
 from t5g2.model.attention import (Kernel, MaskSpec, decoder_window, dot_product_attention,
                                   encoder_window)
+from tests.reference import tiny_config
 
 
 def _naive(q, parts, scale):
@@ -48,8 +51,8 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("query_chunk", [0, 24])
-@pytest.mark.parametrize("tile", [8, 16])  # 16 stands for the accelerators' 128 at 75 positions
+# tile 16 stands for the accelerators' 128 at 75 positions
+@pytest.mark.parametrize("tile, query_chunk", [(8, 0), (8, 24), (16, 24)])
 def test_blocked_attention_equals_dense_softmax(case, query_chunk, tile, monkeypatch):
     monkeypatch.setattr(attention, "MIN_BAND_BLOCK", 10)  # several bands in 75 positions
     monkeypatch.setattr(attention, "_tile", lambda: tile)
@@ -195,3 +198,16 @@ def test_a_cache_part_as_long_as_the_queries_is_read_by_position():
     parts = [(k, v, MaskSpec(q_pos, ones, kv_pos, ones, causal=True, window=decoder_window(60)))]
     ours = attention.attend(q, parts, 0.5, query_chunk=16)
     np.testing.assert_allclose(np.asarray(ours), np.asarray(_naive(q, parts, 0.5)), atol=2e-6)
+
+
+def test_a_kernel_asked_for_on_the_wrong_backend_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"model.attention_impl='splash' runs on tpu, not on "
+                                          r"this gpu backend; use one of: auto, xla, cudnn, "
+                                          r"gpu_flash"):
+        kernels.check_backend("splash", "gpu")
+    with pytest.raises(ConfigError, match=r"model.attention_impl='flash' is unknown; valid: auto"):
+        tiny_config(attention_impl="flash")
+    assert kernels.describe("auto", "tpu") == ("attention: auto on tpu: splash, then xla where a "
+                                               "kernel cannot express a mask")
+    assert kernels.describe("auto", "cpu") == "attention: xla on cpu"
+    assert kernels.candidates("auto", "gpu") == ("cudnn", "gpu_flash")

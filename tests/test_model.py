@@ -204,7 +204,9 @@ def test_image_features_fill_each_rows_placeholders_in_order():
         insert_image_features(x, tokens[:, :5], features, img)
 
 
-@pytest.mark.parametrize("cross_attention", ["merged", "separate"])
+# separate with -m slow: tests/test_attention.py checks query groups of every part kind
+@pytest.mark.parametrize("cross_attention", ["merged",
+                                             pytest.param("separate", marks=pytest.mark.slow)])
 def test_chunked_attention_gives_the_same_numbers(cross_attention):
     """Query chunks (with a ragged last chunk) change memory, not logits or gradients."""
     cfg = tiny_config(cross_attention=cross_attention, **SMALL_STACK)
@@ -219,7 +221,8 @@ def test_chunked_attention_gives_the_same_numbers(cross_attention):
         assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max() + 1e-7
 
 
-@pytest.mark.parametrize("impl", ["splash", "gpu_flash",
+# gpu_flash by default; splash and cudnn (each equal to xla in its own tests) with -m slow
+@pytest.mark.parametrize("impl", [pytest.param("splash", marks=pytest.mark.slow), "gpu_flash",
                                   pytest.param("cudnn", marks=pytest.mark.slow)])
 def test_every_attention_kernel_gives_the_same_model(impl, monkeypatch, caplog):
     """The whole model (merged attention, local and global layers, padding) with a fused kernel

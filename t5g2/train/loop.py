@@ -20,7 +20,7 @@ from flax import nnx
 from t5g2 import fs, sharding
 from t5g2.configlib import ConfigError, build, to_dict
 from t5g2.data.synthetic import SyntheticCopySource
-from t5g2.model import ModelConfig
+from t5g2.model import ModelConfig, kernels
 from t5g2.model.flops import batch_train_flops, train_flops
 from t5g2.model.params import count_params
 from t5g2.run_config import CheckpointConfig, RunConfig
@@ -183,6 +183,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_model_fits_mesh(model_cfg, mesh)
     sharding.check_batch_fits_mesh(train_cfg.microbatch_size, mesh)
+    log.info(kernels.describe(model_cfg.attention_impl, jax.default_backend()))
     sharding.host_local_batch_size(train_cfg.batch_size)
     check_shared_workdir(workdir, config.shared_workdir_timeout_s)
 

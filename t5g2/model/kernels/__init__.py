@@ -63,6 +63,17 @@ def check_backend(impl: str, backend: str, where: str = "model.attention_impl") 
                               f"{backend} backend; use one of: {others}")
 
 
+def describe(impl: str, backend: str) -> str:
+    """One log line: which attention runs here (ConfigError if `impl` cannot run on `backend`)."""
+    check_backend(impl, backend)
+    fused = candidates(impl, backend)
+    if not fused:
+        return f"attention: xla on {backend}"
+    mode = " (Pallas interpret mode: exact, slow)" if backend == "cpu" else ""
+    return (f"attention: {impl} on {backend}: {', '.join(fused)}{mode}, then xla where a kernel "
+            "cannot express a mask")
+
+
 def candidates(impl: str, backend: str) -> tuple[str, ...]:
     """The fused kernels to try, in order, before the XLA core."""
     if impl == "auto":
