@@ -17,6 +17,7 @@ from t5g2.model.kernels import xla as attention
 from t5g2.model.attention import (Kernel, MaskSpec, decoder_window, dot_product_attention,
                                   encoder_window)
 from tests.reference import tiny_config
+from tests.attention_rows import packed_rows
 
 
 def _naive(q, parts, scale):
@@ -29,18 +30,6 @@ def _naive(q, parts, scale):
     scores = jnp.where(mask[:, None], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1)
     return jnp.einsum("bnts,bsnh->btnh", jnp.nan_to_num(probs), v)
-
-
-def _packed(rng, batch, length, segments):
-    """Segment ids 1..segments in contiguous runs with trailing padding; positions restart."""
-    seg = np.zeros((batch, length), np.int32)
-    pos = np.zeros((batch, length), np.int32)
-    for row in range(batch):
-        cuts = np.sort(rng.choice(np.arange(1, length - 3), segments - 1, replace=False))
-        bounds = [0, *cuts, length - rng.integers(0, 4)]
-        for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-            seg[row, a:b], pos[row, a:b] = s + 1, np.arange(b - a)
-    return jnp.asarray(pos), jnp.asarray(seg)
 
 
 CASES = {
@@ -61,11 +50,11 @@ def test_blocked_attention_equals_dense_softmax(case, query_chunk, tile, monkeyp
     b, t, s, n, kh, h = 2, 75, 31, 4, 2, 8
     q, k, v, ck, cv = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in
                        [(b, t, n, h), (b, t, kh, h), (b, t, kh, h), (b, s, kh, h), (b, s, kh, h)])
-    pos, seg = _packed(rng, b, t, 3)
+    pos, seg = packed_rows(rng, b, t, 3)
     parts = [(k, v, MaskSpec(pos, seg, pos, seg, causal=spec["causal"], window=spec["window"],
                                   contiguous=True))]
     if spec["cross"]:
-        enc_pos, enc_seg = _packed(rng, b, s, 3)
+        enc_pos, enc_seg = packed_rows(rng, b, s, 3)
         parts.append((ck, cv, MaskSpec(pos, seg, enc_pos, enc_seg)))
 
     def loss(fn, q, k, v):
@@ -121,8 +110,8 @@ def test_bfloat16_gradients_stay_within_bfloat16_rounding(monkeypatch):
     b, t, s, n, kh, h = 2, 40, 17, 4, 2, 16
     q, k, v, ck, cv = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in
                        [(b, t, n, h), (b, t, kh, h), (b, t, kh, h), (b, s, kh, h), (b, s, kh, h)])
-    pos, seg = _packed(rng, b, t, 2)
-    enc_pos, enc_seg = _packed(rng, b, s, 2)
+    pos, seg = packed_rows(rng, b, t, 2)
+    enc_pos, enc_seg = packed_rows(rng, b, s, 2)
     self_mask = MaskSpec(pos, seg, pos, seg, causal=True, window=decoder_window(9),
                          contiguous=True)
     cross_mask = MaskSpec(pos, seg, enc_pos, enc_seg)
@@ -146,8 +135,8 @@ def _causal_case(rng, t=96, s=40):
     b, n, kh, h = 1, 2, 1, 8
     q, k, v, ck, cv = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in
                        [(b, t, n, h), (b, t, kh, h), (b, t, kh, h), (b, s, kh, h), (b, s, kh, h)])
-    pos, seg = _packed(rng, b, t, 2)
-    enc_pos, enc_seg = _packed(rng, b, s, 2)
+    pos, seg = packed_rows(rng, b, t, 2)
+    enc_pos, enc_seg = packed_rows(rng, b, s, 2)
     return q, k, v, [(ck, cv, MaskSpec(pos, seg, enc_pos, enc_seg))], pos, seg
 
 

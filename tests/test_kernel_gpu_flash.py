@@ -10,23 +10,10 @@ import pytest
 from t5g2 import sharding
 from t5g2.model.kernels import Kernel, Unsupported, dot_product_attention, gpu_flash, xla
 from t5g2.model.masks import MaskSpec, decoder_window, encoder_window
+from tests.attention_rows import packed_rows
 
 TILE = 16  # small tiles: several query and key blocks in short sequences
 SCALE = 0.3
-
-
-def _packed(rng, batch, length, segments, gaps=False):
-    """Segment ids 1..segments in contiguous runs with 1-5 trailing padding tokens; positions
-    restart at 0 per segment, advancing by 1 (or by 1-3 with gaps)."""
-    seg = np.zeros((batch, length), np.int32)
-    pos = np.zeros((batch, length), np.int32)
-    for row in range(batch):
-        cuts = np.sort(rng.choice(np.arange(2, length - 8), segments - 1, replace=False))
-        bounds = [0, *cuts, length - rng.integers(1, 6)]
-        for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-            steps = rng.integers(1, 4, b - a) if gaps else np.ones(b - a, np.int32)
-            seg[row, a:b], pos[row, a:b] = s + 1, np.cumsum(steps) - steps[0]
-    return jnp.asarray(pos), jnp.asarray(seg)
 
 
 def _normal(rng, *shape):
@@ -77,10 +64,10 @@ def test_gpu_flash_equals_xla_reference(case):
     b, t, s, n, h = 2, 75, 53, 4, 32
     q, k, v = _normal(rng, b, t, n, h), _normal(rng, b, t, kv_heads, h), _normal(rng, b, t,
                                                                                  kv_heads, h)
-    pos, seg = _packed(rng, b, t, 3)
+    pos, seg = packed_rows(rng, b, t, 3)
     parts = [(k, v, MaskSpec(pos, seg, pos, seg, causal=causal, window=window, contiguous=True))]
     if merged:  # encoder keys: the same documents (segment ids), their own padding
-        enc_pos, enc_seg = _packed(rng, b, s, 3)
+        enc_pos, enc_seg = packed_rows(rng, b, s, 3)
         parts.append((_normal(rng, b, s, kv_heads, h), _normal(rng, b, s, kv_heads, h),
                       MaskSpec(pos, seg, enc_pos, enc_seg)))
     _assert_matches_reference(q, parts, seg)
@@ -91,7 +78,7 @@ def test_positions_not_following_indices_are_masked_exactly():
     so the mask must come from positions, not indices."""
     rng = np.random.default_rng(7)
     b, t, n, h = 2, 70, 4, 16
-    pos, seg = _packed(rng, b, t, 2, gaps=True)
+    pos, seg = packed_rows(rng, b, t, 2, gaps=True)
     q, k, v = _normal(rng, b, t, n, h), _normal(rng, b, t, 2, h), _normal(rng, b, t, 2, h)
     for causal, window in [(True, decoder_window(12)), (False, encoder_window(12))]:
         mask = MaskSpec(pos, seg, pos, seg, causal=causal, window=window)
@@ -124,8 +111,8 @@ def test_default_tiles_head_dim_256_and_cross_only():
     """The production tiles (64) and head_dim (256) on a classic cross-attention part."""
     rng = np.random.default_rng(5)
     b, t, s, n, h = 1, 40, 70, 2, 256
-    pos, seg = _packed(rng, b, t, 2)
-    enc_pos, enc_seg = _packed(rng, b, s, 2)
+    pos, seg = packed_rows(rng, b, t, 2)
+    enc_pos, enc_seg = packed_rows(rng, b, s, 2)
     parts = [(_normal(rng, b, s, 1, h), _normal(rng, b, s, 1, h),
               MaskSpec(pos, seg, enc_pos, enc_seg))]
     _assert_matches_reference(_normal(rng, b, t, n, h), parts, seg, atol=5e-5,
@@ -137,7 +124,7 @@ def test_bfloat16_inputs_accumulate_in_float32():
     and every output and gradient finite, padding rows included."""
     rng = np.random.default_rng(11)
     b, t, n, h = 2, 48, 4, 32
-    pos, seg = _packed(rng, b, t, 2)
+    pos, seg = packed_rows(rng, b, t, 2)
     q, k, v = (_normal(rng, b, t, heads, h).astype(jnp.bfloat16) for heads in (n, 2, 2))
     mask = MaskSpec(pos, seg, pos, seg, causal=True, window=decoder_window(16), contiguous=True)
     attend = lambda q, p: gpu_flash.attend(q, p, SCALE, interpret=True, block_q=TILE,  # noqa
@@ -158,7 +145,7 @@ def test_sharded_over_batch_and_heads_equals_reference():
     rows and heads."""
     rng = np.random.default_rng(13)
     b, t, n, h = 2, 40, 4, 16
-    pos, seg = _packed(rng, b, t, 2)
+    pos, seg = packed_rows(rng, b, t, 2)
     q, k, v = _normal(rng, b, t, n, h), _normal(rng, b, t, 2, h), _normal(rng, b, t, 2, h)
     parts = [(k, v, MaskSpec(pos, seg, pos, seg, causal=True, contiguous=True))]
     mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 2}, jax.devices()[:4])
@@ -196,7 +183,7 @@ def test_dispatch_runs_gpu_flash_interpreted_on_cpu_and_falls_back_when_unsuppor
     head_dim it does not take (512): Unsupported while tracing, so the xla core answers."""
     rng = np.random.default_rng(17)
     b, t, n = 1, 40, 4
-    pos, seg = _packed(rng, b, t, 2)
+    pos, seg = packed_rows(rng, b, t, 2)
     for h in (16, 512):
         q, k, v = (_normal(rng, b, t, heads, h) for heads in (n, 2, 2))
         parts = [(k, v, MaskSpec(pos, seg, pos, seg, causal=True, contiguous=True))]
