@@ -7,7 +7,7 @@ query block scores only the keys its window reaches. This relies on positions in
 least 1 per index inside a segment (true for unpadded, padded and packed rows), so a key skipped
 is always a key the mask hides: the numbers are the same. Causal global layers score the whole
 square here (unrolled query groups with static causal prefixes halved the FLOPs but made XLA keep
-every group's temporaries live: 2.4x the 270M step's memory at 16K); the fused kernels skip.
+every group's temporaries live, more than doubling a 16K step's memory); the fused kernels skip.
 
 One float32 softmax spans all key parts (merged attention). The custom VJP keeps q, k, v, the
 output and one log-sum-exp per query row; the backward recomputes the probabilities and the mask
