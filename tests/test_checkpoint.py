@@ -338,6 +338,7 @@ def test_a_workdir_of_a_different_model_or_data_is_refused_and_left_untouched(tm
     assert _snapshot(with_checkpoint) == before
 
 
+@pytest.mark.slow  # resuming by default: the SIGKILL / SIGTERM bitwise-resume tests
 def test_a_finished_run_resumes_to_nothing_and_more_steps_continue_it(tmp_path):
     first = loop.train(_small_config(2), str(tmp_path))
     again = loop.train(_small_config(2), str(tmp_path))
@@ -347,6 +348,7 @@ def test_a_finished_run_resumes_to_nothing_and_more_steps_continue_it(tmp_path):
     assert longer.step == 3 and longer.checkpoint.endswith(os.sep + "3")
 
 
+@pytest.mark.slow  # a named step's restore: the retention test, by default
 def test_restoring_an_earlier_step_continues_from_it_and_sets_the_later_ones_aside(tmp_path):
     config = _small_config(4)
     config.checkpoint.every = 1
@@ -436,6 +438,7 @@ def _saved_fingerprints(workdir: Path, step: int) -> dict[str, int]:
                       )["fingerprints"]
 
 
+@pytest.mark.slow  # by default: test_train's overflow test (stop/skip) and guard reasons
 def test_a_diverging_run_stops_saves_nothing_and_its_last_good_checkpoint_resumes(tmp_path):
     from t5g2.train.divergence import DivergenceError
 

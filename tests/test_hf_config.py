@@ -67,7 +67,8 @@ def test_irregular_layer_pattern_is_an_error():
 def test_config_round_trips_through_transformers(cfg):
     hf = hf_t5gemma2.to_hf_config(cfg)
     runtime = dict(dtype=cfg.dtype, remat=cfg.remat,  # compute settings HF configs do not hold
-                   attention_query_chunk=cfg.attention_query_chunk)
+                   attention_query_chunk=cfg.attention_query_chunk,
+                   attention_impl=cfg.attention_impl)
     assert hf_t5gemma2.config_from_hf(hf.to_dict(), **runtime) == cfg
     assert hf_t5gemma2.config_from_hf(type(hf)(**hf.to_dict()), **runtime) == cfg
 

@@ -80,6 +80,7 @@ def test_self_attention_with_padding_matches_reference(case):
     assert_matches_reference(q, part)
 
 
+@pytest.mark.slow  # cross-only parts: the splash and gpu_flash tests, by default
 def test_multi_query_and_cross_attention_over_other_keys():
     """One kv head for four query heads (the 270M's), and a cross-only part with S != T."""
     q, part = inputs([[30], [11]], [[24], [9]], t=33, s=24, kv_heads=1)
@@ -165,6 +166,7 @@ def test_dispatch_falls_back_to_xla_for_merged_attention():
                                    rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # shard_map: the splash and gpu_flash mesh tests, by default
 def test_sharded_over_batch_and_heads_equals_reference():
     """Under a data x tensor mesh the lengths branch runs per device on its rows and heads
     (forward and backward), and the batch check chooses it."""

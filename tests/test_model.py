@@ -229,7 +229,8 @@ def test_every_attention_kernel_gives_the_same_model(impl, monkeypatch, caplog):
     run interpreted: the loss and every gradient equal the XLA core's. Splash and gpu_flash take
     every attention of the model; cuDNN takes what it can and says once why it leaves the rest."""
     monkeypatch.setattr(kernels, "_LOGGED", set())
-    cfg = tiny_config(head_dim=128, **SMALL_STACK)  # splash's head_dim: a multiple of 128
+    # one local and one global layer per stack; splash's head_dim: a multiple of 128
+    cfg = tiny_config(head_dim=128, num_layers=2, sliding_window_pattern=2)
     batch = _batch(cfg, enc_len=21, dec_len=14)
     results = []
     for variant in ("xla", impl):

@@ -37,6 +37,7 @@ def _copy_batch(train_cfg, step=0):
                                vocab_size=CFG.vocab_size, seed=0).batch(step)
 
 
+@pytest.mark.slow  # by default the mesh-equivalence test (test_sharding) sees the loss fall
 def test_training_on_a_repeated_batch_drives_the_loss_to_zero():
     train_cfg = TrainConfig(batch_size=4, encoder_length=12, decoder_length=6, steps=150,
                             learning_rate=1e-2, warmup_steps=10, z_loss=1e-4)

@@ -156,6 +156,7 @@ def _launch(module: str, flags, cwd, env) -> str:
     return output
 
 
+@pytest.mark.slow  # the bucket's pieces (writer, saves, refusals, directory ops) by default
 def test_a_run_in_a_bucket_checkpoints_resumes_and_exports(tmp_path):
     """launch.train with --workdir gs://bucket/run against a local GCS server: 2 steps, then
     the same command with 3 steps resumes from the bucket's checkpoint (past a save interrupted
