@@ -426,6 +426,7 @@ def _wait(proc: subprocess.Popen, log: Path) -> int:
         pytest.fail(f"timed out:\n{log.read_text()[-3000:]}")
 
 
+@pytest.mark.slow  # SIGTERM -> 143 -> restart -> resume: test_slurm's requeue test, by default
 def test_a_preempted_gke_run_exits_143_is_restarted_and_resumes_from_its_checkpoint(tmp_path):
     steps = 20
     train_args = TRAIN_FLAGS[2:] + (  # the tiny model and synthetic data of test_multihost

@@ -56,7 +56,8 @@ def test_every_ablation_runs_forward_and_backward(cross_attention, tie):
 
 
 @pytest.mark.parametrize("option", [dict(remat="full"), dict(remat="save_dots"),
-                                    dict(scan_layers=False)], ids=str)
+                                    pytest.param(dict(scan_layers=False), marks=pytest.mark.slow)],
+                         ids=str)
 def test_execution_options_change_memory_and_speed_not_numbers(option):
     cfg = tiny_config(num_layers=5)  # two scanned (local, global) periods and a tail
     cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder,
@@ -72,7 +73,9 @@ def test_execution_options_change_memory_and_speed_not_numbers(option):
         assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max() + 1e-7
 
 
-@pytest.mark.parametrize("cross_attention", ["merged", "separate"])
+# separate with -m slow: every kernel test checks packed segments of cross parts
+@pytest.mark.parametrize("cross_attention", ["merged",
+                                             pytest.param("separate", marks=pytest.mark.slow)])
 def test_packed_examples_do_not_see_each_other(cross_attention):
     """Two examples packed in one row (segment ids, restarting positions) get their own logits."""
     cfg = tiny_config(cross_attention=cross_attention, **SMALL_STACK)
@@ -106,6 +109,7 @@ def test_packed_examples_do_not_see_each_other(cross_attention):
     np.testing.assert_allclose(packed[9:15], alone[1], atol=1e-5)
 
 
+@pytest.mark.slow  # separate cross-attention: test_every_ablation_runs... by default
 def test_unbalanced_stacks_with_separate_cross_attention():
     base = tiny_config(cross_attention="separate", tie_embeddings=False, **SMALL_STACK)
     cfg = dataclasses.replace(base, encoder=dataclasses.replace(base.encoder, d_model=48))

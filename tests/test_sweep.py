@@ -386,6 +386,7 @@ def _check_results(work, members, steps):
     return records
 
 
+@pytest.mark.slow  # the runner (fake members) and the results/plots tests run by default
 def test_a_local_sweep_of_a_real_member_writes_results_and_plots(tmp_path, cache_dir):
     members = [{"model.tie_embeddings": False}]
     path = _tiny_sweep_file(tmp_path, cache_dir, members, 2)
